@@ -1,0 +1,130 @@
+"""The `eopd-pipe` command line. Each stage command reads and writes only RUN_DIR."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.config import Config, load_config
+from pipeline.errors import Preempted, UserError
+from pipeline.rundir import RunDir
+from pipeline.signals import PREEMPTION
+from pipeline.work import StageSummary, WorkerSpec
+
+CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
+
+
+def resolve_config(run: RunDir, config_path: Path | None, overrides: tuple[str, ...]) -> Config:
+    """--config FILE if given, else the run's frozen config.yaml, else the embedded default."""
+    if config_path is None and run.config_path.is_file():
+        config_path = run.config_path
+    return load_config(config_path, overrides)
+
+
+def stage_options(f):
+    """Options every stage command shares."""
+    f = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))(f)
+    f = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="YAML config. Default: RUN_DIR/config.yaml if the run exists, else configs/default.yaml.")(f)
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config key, e.g. --set rollout.n=8 (repeatable; value parsed as YAML).")(f)
+    f = click.option("--allow-config-change", is_flag=True,
+                     help="Replace a run's frozen config.yaml when this call's config differs (old one kept).")(f)
+    return f
+
+
+def sharded_options(f):
+    f = click.option("--round", "round_index", type=int, default=0, show_default=True, help="Round to work on.")(f)
+    f = click.option("--worker", "worker", metavar="I/N",
+                     help="Do only shards i with i % N == I. Without it, processes sharing RUN_DIR split shards by lock files.")(f)
+    return f
+
+
+def handle_errors(f):
+    """User errors: one message, exit 2. Preemption: exit 143 so schedulers see a terminated job."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        PREEMPTION.install()
+        try:
+            return f(*args, **kwargs)
+        except UserError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+        except Preempted:
+            click.secho("preempted (SIGTERM): unfinished work abandoned cleanly; run the same command again to resume",
+                        fg="yellow", err=True)
+            sys.exit(Preempted.exit_code)
+    return wrapper
+
+
+def report_stage(summary: StageSummary, name: str) -> None:
+    s = summary
+    rate = f", {s.tokens / s.seconds:,.0f} tokens/s" if s.seconds else ""
+    click.echo(f"{name}: {len(s.done_now)} shard(s) done now, {len(s.done_before)} before{rate}; "
+               f"stage {'complete' if s.complete else 'incomplete'} ({s.stage_dir})")
+    if s.busy_elsewhere:
+        click.echo(f"{name}: shards {s.busy_elsewhere} are being done by another worker")
+
+
+@click.group(context_settings=CONTEXT)
+def main() -> None:
+    """eopd-pipe: Entropy-Aware On-Policy Distillation as resumable stages.
+
+    \b
+    One round:  rollout -> score-teacher -> train   (or `run` for all rounds)
+    Every stage resumes after kill -9 or SIGTERM: run the same command again.
+    Everything lives in RUN_DIR; see `eopd-pipe status RUN_DIR`.
+    """
+
+
+@main.command(context_settings=CONTEXT)
+@stage_options
+@sharded_options
+@handle_errors
+def rollout(run_dir, config_path, overrides, allow_config_change, round_index, worker):
+    """Sample student responses with vLLM into RUN_DIR/round-R/rollouts/.
+
+    Round 0 samples from the base student (student.path), round R>0 from round R-1's trained
+    student. Stores sampled token ids and their behaviour log-probs in zstd Parquet shards.
+    """
+    from stages.rollout import run_rollout
+
+    run = RunDir(run_dir)
+    cfg = resolve_config(run, config_path, overrides)
+    summary = run_rollout(run, cfg, round_index, WorkerSpec.parse(worker), allow_config_change)
+    report_stage(summary, "rollout")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@handle_errors
+def status(run_dir):
+    """Show what is done in RUN_DIR, per round, stage and shard."""
+    from stages.status import status_text
+
+    click.echo(status_text(RunDir(run_dir)))
+
+
+@main.command("make-toy", context_settings=CONTEXT)
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--quick", is_flag=True, help="Untrained tiny models in seconds (for tests), instead of the trained demo teacher.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def make_toy_cmd(out_dir, quick, seed):
+    """Build tiny local models and a task dataset: tokenizer, teacher, student, prompts.
+
+    Offline and deterministic. The demo version trains the teacher on the task for a few CPU
+    minutes so that it is accurate and genuinely uncertain where several solution paths exist.
+    """
+    from pipeline.toy import make_toy
+
+    assets = make_toy(out_dir, seed=seed, quick=quick)
+    click.echo(f"teacher: {assets.teacher}\nstudent: {assets.student}\n"
+               f"train prompts: {assets.train_prompts}\neval prompts: {assets.eval_prompts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Typed configuration: YAML files -> validated pydantic models.
+
+Every stage reads one `Config`. Unknown keys, wrong types and missing required fields are
+refused with the file, the key and what is expected. `--set a.b=value` overrides a key (the value
+is parsed as YAML, so `--set rollout.n=8` is an int). The resolved config is frozen into
+`RUN_DIR/config.yaml` on first use (see `pipeline.rundir.freeze_config`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
+
+
+class Section(BaseModel):
+    # strict: YAML already gives typed values, so "3" for an int is a mistake worth naming.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelRef(Section):
+    path: str = Field(description="HF model directory (save_pretrained layout) or hub name")
+
+
+class PromptsConfig(Section):
+    path: str = Field(description="local .jsonl/.json/.parquet/.arrow file or directory, or a hub dataset name")
+    split: str = "train"
+    prompt_field: str = "prompt"
+    id_field: str | None = Field("id", description="unique prompt id column; null: the row index")
+    template: str = Field("{prompt}", description="Python format string over the row's fields")
+    chat_template: bool = Field(False, description="wrap the templated text as a user turn with the tokenizer's chat template")
+    limit: int | None = Field(None, ge=1, description="use only the first N rows")
+    prompts_per_round: int | None = Field(None, ge=1, description="prompts sampled per round (seeded, epoch-wise without replacement); null: all")
+
+
+class VllmConfig(Section):
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enforce_eager: bool = False
+    # Off by default: a warm prefix cache can change numerics, and rows must not depend on
+    # which shards ran before in the same process (resume == uninterrupted run).
+    enable_prefix_caching: bool = False
+    cpu_kvcache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE for the CPU backend")
+
+
+class RolloutConfig(Section):
+    n: int = Field(4, ge=1, description="responses per prompt")
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, description="-1: whole vocabulary")
+    prompts_per_shard: int = Field(64, ge=1)
+    vllm: VllmConfig = VllmConfig()
+
+
+class Config(Section):
+    seed: int = 0
+    rounds: int = Field(1, ge=1)
+    student: ModelRef
+    teacher: ModelRef
+    prompts: PromptsConfig
+    rollout: RolloutConfig = RolloutConfig()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parent = _submodel(model, e["loc"][:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            lines.append(f"  {key}: unknown key (allowed here: {allowed})")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required field is missing")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _submodel(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = getattr(ann, "__args__", (ann,))
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["rollout.n=8", "seed=3"]` -> nested dict; values parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rollout.n=8")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: {p} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = deep_merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def validate(data: dict, source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_validation_error(e, source, Config)) from None
+
+
+def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (the embedded default when `path` is None) and apply `--set` overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    data = deep_merge(read_yaml(path), parse_overrides(overrides))
+    source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    return validate(data, source)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of keys whose values differ: `key: old -> new`."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += diff_configs(a, b, name + ".")
+        elif a != b:
+            lines.append(f"{name}: {a!r} -> {b!r}")
+    return lines

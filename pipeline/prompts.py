@@ -1,0 +1,150 @@
+"""Prompt datasets: load with `datasets`, render the template, tokenise once, cache in the run dir."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from string import Formatter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import PromptsConfig
+from pipeline.errors import UserError
+from pipeline.shards import file_metadata, write_shard
+
+RESERVED_COLUMNS = {
+    "prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", "response_logprobs",
+    "finish_reason", "policy_round",
+}
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+
+
+def load_prompt_dataset(cfg: PromptsConfig):  # -> datasets.Dataset
+    """A local file/directory or a hub dataset name, as a `datasets.Dataset` of the configured split."""
+    import datasets
+
+    path = Path(cfg.path)
+    try:
+        if path.is_file():
+            builder = _LOCAL_BUILDERS.get(path.suffix)
+            if builder is None:
+                raise UserError(f"prompts.path {path}: unsupported file type {path.suffix!r} (use one of {sorted(_LOCAL_BUILDERS)})")
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        elif path.is_dir() and (path / "dataset_info.json").is_file():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[cfg.split]
+        elif path.is_dir():
+            ds = datasets.load_dataset(str(path), split=cfg.split)
+        elif path.is_absolute() or cfg.path.startswith("."):
+            raise UserError(f"prompts.path {path} does not exist; point it at a .jsonl/.parquet file, a dataset directory or a hub name")
+        else:
+            ds = datasets.load_dataset(cfg.path, split=cfg.split)
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types (offline hub, bad split, parse errors)
+        raise UserError(f"prompts.path {cfg.path!r} (split {cfg.split!r}) could not be loaded: {type(e).__name__}: {e}") from None
+    if cfg.limit is not None:
+        ds = ds.select(range(min(cfg.limit, len(ds))))
+    return ds
+
+
+def _template_fields(template: str) -> set[str]:
+    return {name.split(".")[0].split("[")[0] for _, name, _, _ in Formatter().parse(template) if name}
+
+
+def check_prompt_columns(cfg: PromptsConfig, columns: list[str]) -> None:
+    needed = _template_fields(cfg.template) | ({cfg.id_field} if cfg.id_field else set())
+    if cfg.template == "{prompt}" and cfg.prompt_field != "prompt":
+        needed = (needed - {"prompt"}) | {cfg.prompt_field}
+    missing = sorted(needed - set(columns))
+    if missing:
+        raise UserError(
+            f"prompts.path {cfg.path}: column(s) {missing} not found (columns: {columns}); "
+            f"set prompts.prompt_field / prompts.template / prompts.id_field to existing columns, e.g. --set prompts.prompt_field=question"
+        )
+    clash = sorted(RESERVED_COLUMNS & set(columns))
+    if clash:
+        raise UserError(f"prompts.path {cfg.path}: column(s) {clash} clash with eopd-pipe's rollout columns; rename them")
+
+
+def render_prompt(cfg: PromptsConfig, row: dict[str, Any], tokenizer) -> list[int]:
+    if cfg.template == "{prompt}":
+        text = str(row[cfg.prompt_field])
+    else:
+        text = cfg.template.format(**row)
+    if cfg.chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True))
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: same fingerprint <=> same token ids for any text."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.all_special_tokens).encode())
+    h.update(repr(getattr(tokenizer, "chat_template", None)).encode())
+    return h.hexdigest()[:16]
+
+
+def prompt_cache_key(cfg: PromptsConfig, tokenizer) -> str:
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True) + tokenizer_fingerprint(tokenizer)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokenized_prompts(prompts_dir: Path, cfg: PromptsConfig, tokenizer) -> tuple[pa.Table, bool]:
+    """(table, from_cache). Columns prompt_id, prompt_token_ids, + the dataset's own columns.
+
+    Reads the cache in `prompts_dir` when its key (prompt config + tokenizer) matches; otherwise
+    loads, checks and tokenises the dataset WITHOUT writing: the caller saves it with
+    `save_prompt_cache` once every input of the call has been checked.
+    """
+    key = prompt_cache_key(cfg, tokenizer)
+    cache = Path(prompts_dir) / "prompts.parquet"
+    if cache.is_file() and file_metadata(cache).get("cache_key") == key:
+        return pq.read_table(cache), True
+
+    ds = load_prompt_dataset(cfg)
+    check_prompt_columns(cfg, ds.column_names)
+    rows = ds.to_list()
+    ids = [str(r[cfg.id_field]) if cfg.id_field else f"row-{i:08d}" for i, r in enumerate(rows)]
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(x for x in ids if x in seen or seen.add(x))
+        raise UserError(f"prompts.path {cfg.path}: id column {cfg.id_field!r} has duplicates (e.g. {dup!r}); ids must be unique, or set prompts.id_field: null to use row numbers")
+    token_ids = [render_prompt(cfg, r, tokenizer) for r in rows]
+    empty = [ids[i] for i, t in enumerate(token_ids) if not t]
+    if empty:
+        raise UserError(f"prompts.path {cfg.path}: prompt {empty[0]!r} tokenises to nothing; check prompts.template")
+    table = pa.table({
+        "prompt_id": pa.array(ids, pa.string()),
+        "prompt_token_ids": pa.array(token_ids, pa.list_(pa.int32())),
+        **{c: ds.data.column(c) for c in ds.column_names},
+    })
+    return table.replace_schema_metadata({b"eopd.cache_key": key.encode()}), False
+
+
+def save_prompt_cache(prompts_dir: Path, table: pa.Table) -> None:
+    key = table.schema.metadata[b"eopd.cache_key"].decode()
+    Path(prompts_dir).mkdir(parents=True, exist_ok=True)
+    write_shard(Path(prompts_dir) / "prompts.parquet", table, {"cache_key": key, "stage": "prompts"})
+
+
+def round_prompt_indices(num_prompts: int, per_round: int | None, seed: int, round_index: int) -> np.ndarray:
+    """Which prompts round r uses: all of them, or the r-th window of `per_round` prompts in a
+    sequence of seeded permutations (one per epoch), so every prompt is seen once per epoch."""
+    if per_round is None or per_round >= num_prompts:
+        return np.arange(num_prompts)
+    start = round_index * per_round
+    out: list[np.ndarray] = []
+    epoch = start // num_prompts
+    offset = start % num_prompts
+    while sum(len(x) for x in out) < per_round:
+        perm = np.random.default_rng([seed, epoch]).permutation(num_prompts)
+        out.append(perm[offset:])
+        epoch, offset = epoch + 1, 0
+    return np.concatenate(out)[:per_round]

@@ -1,0 +1,162 @@
+"""Running a sharded stage: claim shards, do them, record them. Shared by rollout and score-teacher.
+
+Resumability: a shard is done iff the manifest records it (and its file exists). A restarted
+stage redoes only the rest, and because every shard's randomness derives from (run seed, stage,
+round, shard/prompt), the redone rows equal those of an uninterrupted run.
+
+Workers: each shard is claimed with an OS file lock (fcntl), released by the OS when the holder
+exits or is killed, so any number of processes can run the same stage command at once and no
+shard is done twice. `--worker I/N` additionally restricts a process to shards i with i % N == I
+(a static split across machines that share the run directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+from filelock import FileLock, Timeout
+from tqdm.auto import tqdm
+
+from pipeline.errors import UserError
+from pipeline.shards import Manifest, ShardInfo, remove_stale_tmp, sha256_file, shard_name, write_shard
+from pipeline.signals import PREEMPTION
+
+import pyarrow.parquet as pq
+
+TEST_PAUSE_ENV = "EOPD_TEST_PAUSE"
+
+
+def test_pause(point: str, index: int) -> None:
+    """Fault injection for the kill tests: with EOPD_TEST_PAUSE=POINT:INDEX the process announces
+    itself on stderr and sleeps at that point, so a test can kill it there for real."""
+    if os.environ.get(TEST_PAUSE_ENV) == f"{point}:{index}":
+        print(f"{TEST_PAUSE_ENV} reached {point}:{index}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 31-bit seed from any parts (run seed, stage, round, shard, ...): stable across processes and machines."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    index: int
+    count: int
+
+    @staticmethod
+    def parse(text: str | None) -> "WorkerSpec | None":
+        if text is None:
+            return None
+        try:
+            i, n = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise UserError(f"--worker {text!r}: expected I/N with integers, e.g. --worker 0/4") from None
+        if not (n >= 1 and 0 <= i < n):
+            raise UserError(f"--worker {text!r}: need 0 <= I < N, e.g. --worker 0/4 .. 3/4")
+        return WorkerSpec(i, n)
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.count == self.index
+
+
+@dataclass
+class ShardResult:
+    table: pa.Table
+    tokens: int  # tokens produced/processed, for the tokens/s readout
+
+
+@dataclass
+class StageSummary:
+    stage_dir: Path
+    num_shards: int
+    done_now: list[int] = field(default_factory=list)
+    done_before: list[int] = field(default_factory=list)
+    busy_elsewhere: list[int] = field(default_factory=list)  # claimed by another live worker
+    tokens: int = 0
+    seconds: float = 0.0
+    complete: bool = False
+
+
+ShardFn = Callable[[int], ShardResult]
+
+
+def run_shards(
+    stage_dir: Path,
+    num_shards: int,
+    plan: dict[str, Any],
+    open_worker: Callable[[], ShardFn],
+    file_metadata: dict[str, str],
+    worker: WorkerSpec | None = None,
+    desc: str = "shards",
+) -> StageSummary:
+    """Do every unfinished shard this process can claim.
+
+    `open_worker()` loads the model (slow) and returns the function that computes one shard; it
+    is called only if there is a shard to do, so a finished stage costs no model load.
+    """
+    stage_dir = Path(stage_dir)
+    manifest = Manifest(stage_dir)
+    manifest.init(num_shards, plan)
+    summary = StageSummary(stage_dir, num_shards)
+
+    recorded = manifest.done()
+    for i in sorted(recorded):
+        if not (stage_dir / shard_name(i)).is_file():  # deleted by the user, e.g. after a checksum error
+            manifest.forget(i)
+            recorded.discard(i)
+    mine = [i for i in range(num_shards) if worker is None or worker.owns(i)]
+    summary.done_before = [i for i in mine if i in recorded]
+    todo = [i for i in mine if i not in recorded]
+
+    compute: ShardFn | None = None
+    bar = tqdm(total=len(mine), initial=len(summary.done_before), desc=desc, unit="shard", dynamic_ncols=True)
+    try:
+        for i in todo:
+            lock = FileLock(str(stage_dir / ".locks" / f"{shard_name(i)}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                summary.busy_elsewhere.append(i)
+                continue
+            try:
+                if i in manifest.done():  # finished by another worker since we listed the todo
+                    continue
+                final = stage_dir / shard_name(i)
+                remove_stale_tmp(final)  # left by a killed predecessor
+                if final.is_file():
+                    # Renamed only when complete: a predecessor died between rename and record.
+                    table = pq.read_table(final)
+                    info = ShardInfo(table.num_rows, final.stat().st_size, sha256_file(final))
+                else:
+                    with PREEMPTION.abandonable():
+                        if compute is None:
+                            compute = open_worker()
+                        t0 = time.perf_counter()  # after the model load: tokens/s is the steady rate
+                        result = compute(i)
+                        summary.seconds += time.perf_counter() - t0
+                        test_pause("shard_compute", i)
+                    info = write_shard(final, result.table, file_metadata, tokens=result.tokens,
+                                       before_rename=lambda: test_pause("shard_rename", i))
+                    summary.tokens += result.tokens
+                manifest.record(i, info)
+                PREEMPTION.check()  # a SIGTERM held during the bookkeeping above
+                summary.done_now.append(i)
+                bar.update(1)
+                if summary.seconds > 0:
+                    bar.set_postfix(tok_s=f"{summary.tokens / summary.seconds:,.0f}")
+            finally:
+                lock.release()
+    finally:
+        bar.close()
+    summary.complete = manifest.is_complete()
+    return summary

@@ -1,0 +1,112 @@
+"""`eopd-pipe rollout`: the round's student samples `n` responses per prompt with vLLM.
+
+Recipe:
+  1. policy = base student (round 0) or round r-1's trained student
+  2. prompts: tokenised once (cached in the run dir), the round's subset, split into shards
+  3. per shard: one vLLM generate call; every response has its own seed derived from
+     (run seed, round, prompt id, sample index), so rows do not depend on shard layout or restarts
+  4. rows -> Parquet shard (atomic), manifest updated; a restart redoes only unfinished shards
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline.config import Config
+from pipeline.models import check_model_dir, load_tokenizer, make_llm
+from pipeline.prompts import round_prompt_indices, save_prompt_cache, tokenized_prompts
+from pipeline.rundir import RunDir, freeze_config
+from pipeline.work import ShardResult, StageSummary, WorkerSpec, derive_seed, run_shards
+
+STAGE = "rollouts"
+
+
+def rollout_schema(prompt_columns: pa.Schema) -> pa.Schema:
+    """The rollouts shard schema of DESIGN.md, followed by the prompt row's own columns."""
+    fields = [
+        pa.field("prompt_id", pa.string()),
+        pa.field("sample_index", pa.int32()),
+        pa.field("prompt_token_ids", pa.list_(pa.int32())),
+        pa.field("response_token_ids", pa.list_(pa.int32())),
+        pa.field("response_logprobs", pa.list_(pa.float32())),
+        pa.field("finish_reason", pa.string()),
+        pa.field("policy_round", pa.int32()),
+    ]
+    extra = [f for f in prompt_columns if f.name not in {"prompt_id", "prompt_token_ids"}]
+    return pa.schema(fields + extra)
+
+
+def plan_shards(prompts: pa.Table, cfg: Config, round_index: int) -> list[list[int]]:
+    """Row indices of `prompts` for each shard of this round."""
+    idx = round_prompt_indices(prompts.num_rows, cfg.prompts.prompts_per_round, cfg.seed, round_index)
+    per = cfg.rollout.prompts_per_shard
+    return [idx[s : s + per].tolist() for s in range(0, len(idx), per)]
+
+
+def sample_shard(llm, prompts: pa.Table, rows: list[int], cfg: Config, round_index: int) -> ShardResult:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    r = cfg.rollout
+    sub = prompts.take(rows)
+    prompt_ids = sub.column("prompt_id").to_pylist()
+    prompt_tokens = sub.column("prompt_token_ids").to_pylist()
+    requests, params, keys = [], [], []
+    for pid, toks in zip(prompt_ids, prompt_tokens):
+        for s in range(r.n):
+            requests.append(TokensPrompt(prompt_token_ids=toks))
+            params.append(SamplingParams(
+                n=1, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
+                logprobs=0,  # the sampled token's log-prob under the policy: the behaviour log-prob q_old
+                seed=derive_seed(cfg.seed, STAGE, round_index, pid, s),
+            ))
+            keys.append(s)
+    outputs = llm.generate(requests, params, use_tqdm=False)
+
+    cols: dict[str, list] = {k: [] for k in ("prompt_id", "sample_index", "prompt_token_ids", "response_token_ids",
+                                             "response_logprobs", "finish_reason", "policy_round")}
+    take_rows: list[int] = []
+    tokens = 0
+    for j, (out, s) in enumerate(zip(outputs, keys)):
+        comp = out.outputs[0]
+        ids = list(comp.token_ids)
+        lps = [step[t].logprob for step, t in zip(comp.logprobs, ids)]
+        cols["prompt_id"].append(prompt_ids[j // r.n])
+        cols["sample_index"].append(s)
+        cols["prompt_token_ids"].append(prompt_tokens[j // r.n])
+        cols["response_token_ids"].append(ids)
+        cols["response_logprobs"].append(lps)
+        cols["finish_reason"].append(str(comp.finish_reason))
+        cols["policy_round"].append(round_index)
+        take_rows.append(j // r.n)
+        tokens += len(ids)
+    extra = sub.drop_columns(["prompt_id", "prompt_token_ids"]).take(take_rows)
+    schema = rollout_schema(prompts.schema)
+    arrays = [pa.array(cols[f.name], f.type) for f in schema if f.name in cols]
+    table = pa.Table.from_arrays(arrays + list(extra.columns), schema=schema)
+    return ShardResult(table, tokens)
+
+
+def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec | None = None,
+                allow_config_change: bool = False) -> StageSummary:
+    policy = check_model_dir(run.policy_for_round(cfg, round_index), "student")
+    # The base student's tokenizer defines the prompt tokens for every round (later students are saved with it).
+    tokenizer = load_tokenizer(check_model_dir(cfg.student.path, "student"))
+    prompts, cached = tokenized_prompts(run.prompts_dir, cfg.prompts, tokenizer)
+    # Every input is checked: only now does the call write into the run dir.
+    freeze_config(run, cfg, allow_config_change)
+    if not cached:
+        save_prompt_cache(run.prompts_dir, prompts)
+    shards = plan_shards(prompts, cfg, round_index)
+
+    def open_worker():
+        llm = make_llm(policy, cfg.rollout.vllm, seed=derive_seed(cfg.seed, STAGE, round_index))
+        return lambda i: sample_shard(llm, prompts, shards[i], cfg, round_index)
+
+    plan = {"prompts": prompts.num_rows, "rows_per_shard": [len(s) for s in shards], "policy": str(policy)}
+    meta = {"stage": STAGE, "round": str(round_index), "policy": str(policy), "n": str(cfg.rollout.n)}
+    return run_shards(run.stage_dir(round_index, STAGE), len(shards), plan, open_worker, meta, worker,
+                      desc=f"rollout round {round_index}")
+
