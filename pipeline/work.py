@@ -34,11 +34,12 @@ TEST_PAUSE_ENV = "EOPD_TEST_PAUSE"
 
 
 def test_pause(point: str, index: int) -> None:
-    """Fault injection for the kill tests: with EOPD_TEST_PAUSE=POINT:INDEX the process announces
-    itself on stderr and sleeps at that point, so a test can kill it there for real."""
-    if os.environ.get(TEST_PAUSE_ENV) == f"{point}:{index}":
+    """Fault injection for the kill tests: with EOPD_TEST_PAUSE=POINT:INDEX[:SECONDS] the process
+    announces itself on stderr and sleeps there (default an hour), so a test can kill it at that point."""
+    spec = os.environ.get(TEST_PAUSE_ENV, "").split(":")
+    if spec[:2] == [point, str(index)]:
         print(f"{TEST_PAUSE_ENV} reached {point}:{index}", file=sys.stderr, flush=True)
-        time.sleep(3600)
+        time.sleep(float(spec[2]) if len(spec) > 2 else 3600)
 
 
 
@@ -148,6 +149,7 @@ def run_shards(
                     info = write_shard(final, result.table, file_metadata, tokens=result.tokens,
                                        before_rename=lambda: test_pause("shard_rename", i))
                     summary.tokens += result.tokens
+                test_pause("shard_record", i)
                 manifest.record(i, info)
                 PREEMPTION.check()  # a SIGTERM held during the bookkeeping above
                 summary.done_now.append(i)

@@ -1,0 +1,118 @@
+"""Shared fixtures: tiny local models (built once per session), configs, and CLI processes."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+# Tiny models on a 2-core machine: keep vLLM's CPU KV cache small and its logging quiet.
+CLI_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """Untrained tiny teacher/student sharing one tokenizer, plus prompt files (seconds to build)."""
+    from pipeline.toy import make_toy
+
+    return make_toy(tmp_path_factory.mktemp("toy") / "assets", seed=0, quick=True)
+
+
+def write_config(path: Path, toy, **sections) -> Path:
+    """A config for the tiny models; keyword sections are merged over the base."""
+    cfg = {
+        "seed": 7,
+        "student": {"path": str(toy.student)},
+        "teacher": {"path": str(toy.teacher)},
+        "prompts": {"path": str(toy.train_prompts), "limit": 24},
+        "rollout": {"n": 2, "max_tokens": 12, "prompts_per_shard": 6},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_cmd(*args), cwd=REPO, env={**os.environ, **CLI_ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def spawn_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """A CLI process in its own process group, so a kill reaches vLLM's workers too (as on a lost machine)."""
+    return subprocess.Popen(cli_cmd(*args), cwd=REPO, env={**os.environ, **CLI_ENV, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_line(proc: subprocess.Popen, marker: str, timeout: float = 600) -> list[str]:
+    """Read the process's stderr until a line containing `marker`; fail if it exits or times out first.
+
+    A background thread keeps draining stderr afterwards (into proc.stderr_lines), so the child
+    never blocks on a full pipe."""
+    if not hasattr(proc, "stderr_lines"):
+        proc.stderr_lines = queue.Queue()
+
+        def pump() -> None:
+            for line in proc.stderr:
+                proc.stderr_lines.put(line.rstrip("\n"))
+            proc.stderr_lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            line = proc.stderr_lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line is None:
+            proc.wait()
+            raise AssertionError(f"process exited ({proc.returncode}) before {marker!r}:\n" + "\n".join(seen[-40:]))
+        seen.append(line)
+        if marker in line:
+            return seen
+    raise AssertionError(f"timeout waiting for {marker!r}:\n" + "\n".join(seen[-40:]))
+
+
+def rest_of_stderr(proc: subprocess.Popen) -> str:
+    """After wait_for_line: everything the (exited) process wrote to stderr since."""
+    lines = []
+    while (line := proc.stderr_lines.get(timeout=60)) is not None:
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def kill_group(proc: subprocess.Popen, sig: int) -> int:
+    os.killpg(proc.pid, sig)
+    try:
+        return proc.wait(timeout=120)
+    finally:
+        if sig != signal.SIGKILL:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # vLLM children that outlived the main process
+            except ProcessLookupError:
+                pass
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes (for 'the run dir is unchanged' checks)."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -1,0 +1,35 @@
+"""A sharded stage with a cheap deterministic shard function, run as a real process by test_runner.py.
+
+usage: python tests/fake_stage.py STAGE_DIR NUM_SHARDS [I/N]
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.cli import handle_errors
+from pipeline.work import ShardResult, WorkerSpec, derive_seed, run_shards
+
+
+@handle_errors
+def main(stage_dir: str, num_shards: str, worker: str | None = None) -> None:
+    delay = float(os.environ.get("FAKE_SHARD_SECONDS", "0"))
+
+    def open_worker():
+        def compute(i: int) -> ShardResult:
+            time.sleep(delay)
+            values = np.random.default_rng(derive_seed(1, "fake", i)).integers(0, 1000, size=200)
+            return ShardResult(pa.table({"shard": pa.array([i] * 200, pa.int32()), "value": values}), tokens=200)
+        return compute
+
+    s = run_shards(Path(stage_dir), int(num_shards), {"fake": True}, open_worker, {"stage": "fake"},
+                   WorkerSpec.parse(worker), desc="fake")
+    print("DONE_NOW", " ".join(map(str, s.done_now)), flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
