@@ -52,6 +52,9 @@ class VllmConfig(Section):
     # which shards ran before in the same process (resume == uninterrupted run).
     enable_prefix_caching: bool = False
     cpu_kvcache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE for the CPU backend")
+    # Engine and worker in this process: saves two process spawns (~30 s of start-up on a CPU).
+    # null: in-process when there is no GPU and tensor_parallel_size is 1.
+    in_process: bool | None = None
 
 
 class RolloutConfig(Section):

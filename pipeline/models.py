@@ -35,9 +35,19 @@ def make_llm(model_path: str | Path, vllm_cfg, seed: int):
     """A `vllm.LLM` for sampling. Must be called from code under `if __name__ == "__main__"`
     (vLLM spawns worker processes), which the `eopd-pipe` console script is."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{vllm_cfg.cpu_kvcache_gib:g}")
+    in_process = vllm_cfg.in_process
+    if in_process is None:
+        import torch
+
+        in_process = vllm_cfg.tensor_parallel_size == 1 and not torch.cuda.is_available()
+    extra = {}
+    if in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine is created
+        extra["distributed_executor_backend"] = "uni"
     from vllm import LLM
 
     return LLM(
+        **extra,
         model=str(model_path),
         tokenizer=str(model_path),
         seed=seed,
