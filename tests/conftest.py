@@ -46,6 +46,31 @@ def write_config(path: Path, toy, **sections) -> Path:
     return path
 
 
+_SPAWNED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_orphans():
+    """A failed test must not leave a paused or vLLM process behind."""
+    yield
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def spawn(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    """A process in its own process group, so a kill reaches its children too (as on a lost machine)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **CLI_ENV, "PYTHONPATH": str(REPO), **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _SPAWNED.append(proc)
+    return proc
+
+
 def cli_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
 
@@ -56,9 +81,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subpro
 
 
 def spawn_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """A CLI process in its own process group, so a kill reaches vLLM's workers too (as on a lost machine)."""
-    return subprocess.Popen(cli_cmd(*args), cwd=REPO, env={**os.environ, **CLI_ENV, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return spawn(cli_cmd(*args), env)
 
 
 def wait_for_line(proc: subprocess.Popen, marker: str, timeout: float = 600) -> list[str]:

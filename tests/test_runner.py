@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, kill_group, rest_of_stderr, wait_for_line
+from conftest import kill_group, rest_of_stderr, spawn, wait_for_line
 from pipeline.errors import UserError
 from pipeline.shards import iter_stage, sha256_file
 
@@ -20,9 +20,7 @@ SCRIPT = str(Path(__file__).with_name("fake_stage.py"))
 
 
 def start(stage_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, SCRIPT, str(stage_dir), str(NUM_SHARDS), *extra], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return spawn([sys.executable, SCRIPT, str(stage_dir), str(NUM_SHARDS), *extra], env)
 
 
 def finish(stage_dir: Path, *extra: str, env: dict | None = None) -> list[int]:
