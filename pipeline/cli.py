@@ -100,12 +100,19 @@ def rollout(run_dir, config_path, overrides, allow_config_change, round_index, w
 
 @main.command(context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--verify", is_flag=True, help="Also check every shard's sha256 against its manifest.")
 @handle_errors
-def status(run_dir):
+def status(run_dir, verify):
     """Show what is done in RUN_DIR, per round, stage and shard."""
-    from stages.status import status_text
+    from stages.status import status_text, verify_run
 
-    click.echo(status_text(RunDir(run_dir)))
+    run = RunDir(run_dir)
+    click.echo(status_text(run))
+    if verify:
+        problems = verify_run(run)
+        if problems:
+            raise UserError("shard check failed:\n  " + "\n  ".join(problems))
+        click.echo("all shards match their manifests")
 
 
 @main.command("make-toy", context_settings=CONTEXT)

@@ -53,3 +53,22 @@ def status_text(run: RunDir) -> str:
         student = run.student_dir(r)
         out.append(f"  {'student':<9} {'written' if (student / 'config.json').is_file() else 'not written'}")
     return "\n".join(out)
+
+
+def verify_run(run: RunDir) -> list[str]:
+    """Check every recorded shard's sha256; returns one problem line per bad shard."""
+    from pipeline.shards import sha256_file
+
+    problems = []
+    for r in run.rounds_present():
+        for stage in STAGES:
+            m = Manifest(run.stage_dir(r, stage))
+            if not m.exists():
+                continue
+            for name, rec in sorted(m.read()["shards"].items()):
+                path = m.stage_dir / name
+                if not path.is_file():
+                    problems.append(f"{path}: missing (rerun `eopd-pipe {'rollout' if stage == 'rollouts' else 'score-teacher'}` to redo it)")
+                elif sha256_file(path) != rec["sha256"]:
+                    problems.append(f"{path}: corrupted (sha256 differs from the manifest); delete it and rerun the stage to redo it")
+    return problems
