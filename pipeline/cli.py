@@ -98,6 +98,24 @@ def rollout(run_dir, config_path, overrides, allow_config_change, round_index, w
     report_stage(summary, "rollout")
 
 
+@main.command("score-teacher", context_settings=CONTEXT)
+@stage_options
+@sharded_options
+@handle_errors
+def score_teacher(run_dir, config_path, overrides, allow_config_change, round_index, worker):
+    """Score round R's rollouts with the teacher into RUN_DIR/round-R/teacher/.
+
+    One teacher forward pass per response; stores per token the teacher's top-k ids and
+    log-probs (compressed), the exact full-vocabulary entropy and the sampled token's log-prob,
+    so that training never needs the teacher in memory.
+    """
+    from stages.score_teacher import run_score_teacher
+
+    run = RunDir(run_dir)
+    cfg = resolve_config(run, config_path, overrides)
+    report_stage(run_score_teacher(run, cfg, round_index, WorkerSpec.parse(worker), allow_config_change), "score-teacher")
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--verify", is_flag=True, help="Also check every shard's sha256 against its manifest.")

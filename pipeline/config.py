@@ -67,6 +67,18 @@ class RolloutConfig(Section):
     vllm: VllmConfig = VllmConfig()
 
 
+class ScoreTeacherConfig(Section):
+    top_k: int = Field(16, ge=1, description="teacher top-k stored per token (the paper's FKL uses k = 16)")
+    codec: str | None = Field(None, description="top-k log-prob codec (pipeline/codec.py); null: the measured default")
+    token_budget: int = Field(16384, ge=1, description="padded tokens per teacher forward batch")
+    token_chunk: int = Field(1024, ge=1, description="tokens per lm_head/log-softmax chunk (bounds fp32 [chunk, vocab])")
+    vocab_chunk: int | None = Field(None, ge=1, description="also chunk the vocabulary (streaming log-sum-exp); null: whole rows")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    device_map: str | None = Field(None, description="e.g. 'auto' to spread a teacher over several GPUs (accelerate)")
+    eos_map: dict[str, str] = Field(default_factory=dict, description="student token -> teacher token before scoring, "
+                                    "e.g. {'<|endoftext|>': '<|im_end|>'} for a base student and an instruct teacher")
+
+
 class Config(Section):
     seed: int = 0
     rounds: int = Field(1, ge=1)
@@ -74,6 +86,7 @@ class Config(Section):
     teacher: ModelRef
     prompts: PromptsConfig
     rollout: RolloutConfig = RolloutConfig()
+    score_teacher: ScoreTeacherConfig = ScoreTeacherConfig()
 
 
 # ----------------------------------------------------------------------------- loading

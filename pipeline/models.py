@@ -69,3 +69,35 @@ def _hub_snapshot(repo_id: str, what: str) -> Path:
     except Exception as e:
         raise UserError(f"{what}.path {repo_id!r} is not a local directory and could not be fetched from the hub "
                         f"({type(e).__name__}); download it first or point {what}.path at a local save_pretrained directory") from None
+
+
+PROBE = "The teacher and student must agree: 3 + 4 = 7, naïve café, <tag> \n\t ∑x² 你好 🙂"
+
+
+def check_same_vocabulary(student_tok, teacher_tok, student_path: str | Path, teacher_path: str | Path) -> None:
+    """Teacher top-k ids are only meaningful to a student that numbers tokens the same way.
+
+    Compares the vocabulary (token -> id), the special tokens (id -> text) and the ids of a
+    probe string. Special-token *roles* may differ (a base student ends with <|endoftext|>,
+    an instruct teacher with <|im_end|>): that is what `score_teacher.eos_map` is for.
+    """
+    problems = []
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        only_s = sorted(set(sv) - set(tv))[:5]
+        only_t = sorted(set(tv) - set(sv))[:5]
+        moved = sorted(t for t in set(sv) & set(tv) if sv[t] != tv[t])[:5]
+        problems.append(f"vocabularies differ: sizes {len(sv)} vs {len(tv)}; only in student {only_s}, "
+                        f"only in teacher {only_t}, different ids for {moved}")
+    ss = {i: str(t) for i, t in student_tok.added_tokens_decoder.items() if t.special}
+    ts = {i: str(t) for i, t in teacher_tok.added_tokens_decoder.items() if t.special}
+    if ss != ts:
+        diff = sorted(set(ss.items()) ^ set(ts.items()))[:6]
+        problems.append(f"special tokens differ (id, text): {diff}")
+    sp, tp = student_tok(PROBE, add_special_tokens=False)["input_ids"], teacher_tok(PROBE, add_special_tokens=False)["input_ids"]
+    if sp != tp:
+        problems.append(f"a probe string tokenises differently: student {sp[:12]}… vs teacher {tp[:12]}…")
+    if problems:
+        raise UserError(f"student tokenizer ({student_path}) and teacher tokenizer ({teacher_path}) are not the same "
+                        f"vocabulary, so teacher top-k ids would mean other tokens to the student:\n  - "
+                        + "\n  - ".join(problems) + "\nUse a teacher and student from the same model family.")
