@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -114,6 +115,34 @@ def score_teacher(run_dir, config_path, overrides, allow_config_change, round_in
     run = RunDir(run_dir)
     cfg = resolve_config(run, config_path, overrides)
     report_stage(run_score_teacher(run, cfg, round_index, WorkerSpec.parse(worker), allow_config_change), "score-teacher")
+
+
+@main.command(context_settings=CONTEXT)
+@stage_options
+@click.option("--round", "round_index", type=int, default=0, show_default=True, help="Round to train.")
+@click.option("--local_rank", "--local-rank", type=int, hidden=True, help="Set by the deepspeed launcher.")
+@handle_errors
+def train(run_dir, config_path, overrides, allow_config_change, round_index, local_rank):
+    """Train round R's student on RUN_DIR/round-R/teacher/ with the entropy-gated objective.
+
+    Writes metrics to round-R/train/metrics.jsonl, checkpoints every train.checkpoint_every steps
+    and on SIGTERM, resumes from the newest checkpoint, and ends by writing round-R/student/.
+    Several GPUs: set train.deepspeed (configs/deepspeed/*.json) and launch with
+    `deepspeed --num_gpus N $(which eopd-pipe) train RUN_DIR` or `torchrun --nproc_per_node N -m pipeline.cli train RUN_DIR`.
+    """
+    from stages.train import run_train
+
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    run = RunDir(run_dir)
+    cfg = resolve_config(run, config_path, overrides)
+    s = run_train(run, cfg, round_index, allow_config_change)
+    if s.total_steps == 0:
+        click.echo(f"train: {s.student_dir} already written; nothing to do")
+    else:
+        last = s.last_metrics or {}
+        click.echo(f"train: {s.steps_done_now} step(s) done now (resumed after step {s.resumed_from}), "
+                   f"final loss {last.get('loss', float('nan')):.4f}; student written to {s.student_dir}")
 
 
 @main.command(context_settings=CONTEXT)

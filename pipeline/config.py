@@ -79,6 +79,37 @@ class ScoreTeacherConfig(Section):
                                     "e.g. {'<|endoftext|>': '<|im_end|>'} for a base student and an instruct teacher")
 
 
+class TrainConfig(Section):
+    # The objective (eopd.losses.ObjectiveConfig); defaults are the paper's EOPD.
+    objective: Literal["eopd", "rkl", "fkl", "full", "jsd"] = "eopd"
+    rkl_estimator: Literal["sampled", "topk"] = "sampled"
+    fkl_mode: Literal["renorm", "tail"] = "renorm"
+    tau: float = Field(0.8, ge=0, description="entropy gate threshold in nats (paper: 0.8)")
+    gate_quantile: float | None = Field(None, gt=0, lt=1, description="gate on this quantile of the batch's teacher entropies instead of tau")
+    lam: float = Field(1.0, ge=0, description="weight of the gated FKL term (paper: 1)")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip of the sampled RKL (paper silent; 0.2 usual)")
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    # Optimisation (paper: AdamW, lr 3e-6, cosine, mini-batch 32 responses).
+    lr: float = Field(3e-6, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batch_rows: int = Field(32, ge=1, description="responses per optimiser step")
+    micro_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward/backward (gradient accumulation)")
+    epochs: int = Field(1, ge=1, description="passes over the round's responses")
+    loss_chunk: int = Field(1024, ge=1, description="tokens per chunk of the memory-lean LM-head loss")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(50, ge=1, description="optimiser steps between checkpoints (also on SIGTERM)")
+    keep_checkpoints: int = Field(2, ge=1)
+    deepspeed: str | None = Field(None, description="DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); launch with deepspeed/torchrun")
+    deterministic: bool = Field(True, description="torch deterministic algorithms (exact resume on CPU)")
+    probe_tokens: int = Field(256, ge=1, description="fixed tokens on which the student's top-10 change rate is measured")
+    tensorboard: bool = Field(False, description="also log to RUN_DIR/round-R/train/tb (needs tensorboard)")
+
+
 class Config(Section):
     seed: int = 0
     rounds: int = Field(1, ge=1)
@@ -87,6 +118,7 @@ class Config(Section):
     prompts: PromptsConfig
     rollout: RolloutConfig = RolloutConfig()
     score_teacher: ScoreTeacherConfig = ScoreTeacherConfig()
+    train: TrainConfig = TrainConfig()
 
 
 # ----------------------------------------------------------------------------- loading

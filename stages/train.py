@@ -1,0 +1,286 @@
+"""`eopd-pipe train`: the student learns from the teacher shards with the entropy-gated objective.
+
+Recipe (per optimiser step s of the round):
+  1. rows of step s: a seeded permutation of the round's responses, `batch_rows` at a time;
+     split across ranks, packed into micro-batches of at most `micro_batch_tokens` padded tokens
+  2. per micro-batch: student backbone -> hidden states at the positions predicting response
+     tokens -> eopd.losses.chunked_objective (LM head + loss chunk by chunk, never full logits),
+     normalised by ALL response tokens of the step (the paper's mean over response tokens)
+  3. clip, AdamW step, LR schedule (cosine over all rounds); metrics to metrics.jsonl
+  4. checkpoint every `checkpoint_every` steps and on SIGTERM (model, optimiser, scheduler, RNG,
+     step = the data cursor, since the plan is deterministic); a restart resumes from the newest
+  5. at the end: round-R/student/ (save_pretrained, model + tokenizer), written atomically
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from eopd.losses import ObjectiveConfig, chunked_objective, entropy_gate
+from eopd.metrics import merge_stats, student_topk_ids, summarize_stats, topk_jaccard_distance
+from pipeline.config import Config, TrainConfig
+from pipeline.errors import Preempted, UserError
+from pipeline.models import check_model_dir, load_tokenizer
+from pipeline.rundir import RunDir, atomic_write_text, freeze_config
+from pipeline.signals import PREEMPTION
+from pipeline.teacher_data import TeacherRows, load_teacher_rows
+from pipeline.training import (CHECKPOINT_DONE, DeepSpeedEngine, TorchEngine, all_reduce_sum, barrier,
+                               checkpoint_name, complete_checkpoints, load_deepspeed_config, lr_factor,
+                               prune_checkpoints, rng_state, seed_everything, set_rng_state, world)
+from pipeline.work import derive_seed
+
+NORMALISATION = "loss = sum over response tokens of L_t / (all response tokens of the optimiser step)"
+
+
+@dataclass
+class TrainSummary:
+    student_dir: Path
+    steps_done_now: int
+    total_steps: int
+    resumed_from: int
+    last_metrics: dict | None
+
+
+def objective_config(tc: TrainConfig) -> ObjectiveConfig:
+    return ObjectiveConfig(objective=tc.objective, rkl_estimator=tc.rkl_estimator, fkl_mode=tc.fkl_mode, tau=tc.tau,
+                           gate_quantile=tc.gate_quantile, lam=tc.lam, clip_eps=tc.clip_eps, jsd_beta=tc.jsd_beta)
+
+
+def plan_steps(rows: TeacherRows, tc: TrainConfig, seed: int, round_index: int, world_size: int) -> list[list[list[list[int]]]]:
+    """steps -> ranks -> micro-batches -> row indices. Deterministic in (seed, round), so the step
+    index alone is the data cursor of a checkpoint."""
+    if tc.batch_rows < world_size:
+        raise UserError(f"train.batch_rows={tc.batch_rows} is smaller than the {world_size} ranks; each rank needs a response per step")
+    steps = []
+    for epoch in range(tc.epochs):
+        order = np.random.default_rng(derive_seed(seed, "train", round_index, epoch)).permutation(rows.num_rows).tolist()
+        for a in range(0, len(order), tc.batch_rows):
+            step_rows = order[a : a + tc.batch_rows]
+            if len(step_rows) < world_size:
+                continue  # a tail too small to give every rank a response
+            steps.append([pack_micro_batches(rows, step_rows[r::world_size], tc.micro_batch_tokens) for r in range(world_size)])
+    return steps
+
+
+def pack_micro_batches(rows: TeacherRows, idx: list[int], budget: int) -> list[list[int]]:
+    """Longest first, so (rows x longest sequence) <= budget wastes little padding."""
+    length = {i: len(rows.prompt_ids[i]) + rows.response_length(i) for i in idx}
+    out, cur = [], []
+    for i in sorted(idx, key=lambda i: (-length[i], i)):
+        if cur and (len(cur) + 1) * length[cur[0]] > budget:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + ([cur] if cur else [])
+
+
+def response_hidden(model, rows: TeacherRows, batch: list[int], device: torch.device) -> torch.Tensor:
+    """Final hidden states [n_tokens, H] at the positions that predict each response token."""
+    seqs = [np.concatenate([rows.prompt_ids[i], rows.response_ids[rows.offsets[i]:rows.offsets[i + 1]].numpy()]) for i in batch]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.from_numpy(s)
+        mask[r, : len(s)] = 1
+    hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    picks = []
+    for r, i in enumerate(batch):
+        P, T = len(rows.prompt_ids[i]), rows.response_length(i)
+        picks.append(hidden[r, P - 1 : P + T - 1])  # position j predicts token j+1
+    return torch.cat(picks)
+
+
+def probe_rows(rows: TeacherRows, tokens: int) -> list[int]:
+    out, n = [], 0
+    for i in range(rows.num_rows):
+        out.append(i)
+        n += rows.response_length(i)
+        if n >= tokens:
+            break
+    return out
+
+
+def init_distributed(tc: TrainConfig) -> None:
+    """DeepSpeed needs a process group even for one process; the launchers set RANK/WORLD_SIZE."""
+    if not tc.deepspeed:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise UserError("several ranks were launched but train.deepspeed is not set; "
+                            "multi-process training runs through DeepSpeed (e.g. --set train.deepspeed=configs/deepspeed/zero2.json)")
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def load_student(path: Path, tc: TrainConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[tc.dtype]
+    # Plain torch keeps fp32 master weights; DeepSpeed keeps its own fp32 copy under bf16.
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype if tc.deepspeed else torch.float32).to(device)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    return model.train(), dtype
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, rank: int, keep: int) -> None:
+    """Collective. Written under a hidden name, marked COMPLETE, then renamed: a kill at any point
+    leaves either the previous checkpoint or this one, never a half one that resume would pick."""
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = ckpt_dir / f".incoming-{checkpoint_name(step)}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    engine.save(tmp, client)
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        (tmp / CHECKPOINT_DONE).write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        prune_checkpoints(ckpt_dir, keep)
+    barrier()
+
+
+def write_student(model, tokenizer_dir: Path, out: Path) -> None:
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        load_tokenizer(tokenizer_dir).save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: bool = False) -> TrainSummary:
+    tc = cfg.train
+    out = run.student_dir(round_index)
+    if (out / "config.json").is_file():
+        return TrainSummary(out, 0, 0, 0, None)
+    teacher_dir = run.stage_dir(round_index, "teacher")
+    rows = load_teacher_rows(teacher_dir, cfg.score_teacher.top_k,
+                             f"run `eopd-pipe score-teacher {run.root} --round {round_index}` first")
+    objective = objective_config(tc)
+    policy = check_model_dir(run.policy_for_round(cfg, round_index), "student")
+    if tc.deepspeed:
+        load_deepspeed_config(tc, bf16=False)  # refuse a bad DeepSpeed file before any work
+    init_distributed(tc)
+    rank, world_size = world()
+    if rank == 0:
+        freeze_config(run, cfg, allow_config_change)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed_everything(derive_seed(cfg.seed, "train-init", round_index, rank), tc.deterministic)
+
+    steps = plan_steps(rows, tc, cfg.seed, round_index, world_size)
+    if not steps:
+        raise UserError(f"{teacher_dir}: {rows.num_rows} responses make no optimiser step of train.batch_rows={tc.batch_rows}")
+    total_steps, offset = len(steps) * cfg.rounds, len(steps) * round_index
+    model, dtype = load_student(policy, tc, device)
+    lr_lambda = lambda s: lr_factor(offset + s, total_steps, tc)  # noqa: E731 (LambdaLR wants a callable)
+    engine = DeepSpeedEngine(model, tc, lr_lambda, bf16=dtype == torch.bfloat16) if tc.deepspeed else TorchEngine(model, tc, lr_lambda)
+
+    train_dir = run.stage_dir(round_index, "train")
+    ckpt_dir, metrics_path = train_dir / "checkpoints", train_dir / "metrics.jsonl"
+    start, probe_prev = 0, None
+    if ckpts := complete_checkpoints(ckpt_dir):
+        client = engine.load(ckpts[-1])
+        start, probe_prev = client["step"], client.get("probe_topk")
+        rng_file = ckpts[-1] / f"rng-rank{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+    if rank == 0:
+        train_dir.mkdir(parents=True, exist_ok=True)
+        keep = [l for l in (metrics_path.read_text().splitlines() if metrics_path.is_file() else [])
+                if json.loads(l)["step"] <= start]
+        atomic_write_text(metrics_path, "".join(l + "\n" for l in keep))  # steps after the checkpoint are redone
+        tqdm.write(f"train round {round_index}: {rows.num_rows} responses, {len(steps)} steps, objective {tc.objective}; "
+                   f"{NORMALISATION}" + (f"; resuming after step {start}" if start else ""))
+    tb = _tensorboard(train_dir) if (tc.tensorboard and rank == 0) else None
+    probe = probe_rows(rows, tc.probe_tokens)
+    metrics = None
+    bar = tqdm(total=len(steps), initial=start, desc=f"train round {round_index}", unit="step", disable=rank != 0)
+    for s in range(start, len(steps)):
+        t0 = time.perf_counter()
+        all_rows = [i for micro in steps[s] for mb in micro for i in mb]
+        normalizer = float(sum(rows.response_length(i) for i in all_rows))
+        # The gate threshold of a quantile gate is the quantile of the whole step's entropies.
+        tau = tc.tau if tc.gate_quantile is None else float(torch.quantile(rows.token_batch(all_rows).teacher_entropy, tc.gate_quantile))
+        parts = []
+        head = engine.module.get_output_embeddings().weight
+        micro_batches = steps[s][rank]
+        for j, mb in enumerate(micro_batches):
+            batch = rows.token_batch(mb).to(device)
+            hidden = response_hidden(engine.module, rows, mb, device)
+            gate = entropy_gate(batch.teacher_entropy, tau)
+            loss, stats = chunked_objective(hidden, head, batch, objective, normalizer, tc.loss_chunk, gate)
+            engine.backward(loss, is_last_micro_batch=j == len(micro_batches) - 1)
+            parts.append(stats)
+        grad_norm = engine.step()
+        stats = merge_stats(parts)
+        keys = sorted(stats)
+        stats = dict(zip(keys, all_reduce_sum([stats[k] for k in keys])))
+        preempt = all_reduce_sum([float(PREEMPTION.requested)])[0] > 0
+        elapsed = time.perf_counter() - t0
+        with torch.no_grad():
+            probe_ids = student_topk_ids(response_hidden(engine.module, rows, probe, device), head, k=10)
+        change = topk_jaccard_distance(probe_prev, probe_ids) if probe_prev is not None else math.nan
+        probe_prev = probe_ids.cpu()
+        metrics = {"round": round_index, "step": s + 1, "global_step": offset + s + 1, "lr": engine.lr,
+                   "grad_norm": grad_norm, **summarize_stats(stats), "top10_change": change,
+                   "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / elapsed}
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if tb is not None:
+                for k, v in metrics.items():
+                    tb.add_scalar(f"train/{k}", v, offset + s + 1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", gate=f"{metrics['gate_fraction']:.2f}",
+                            tok_s=f"{metrics['tokens_per_s']:,.0f}")
+            bar.update(1)
+        if (s + 1) % tc.checkpoint_every == 0 or preempt or s + 1 == len(steps):
+            save_checkpoint(engine, ckpt_dir, s + 1, {"step": s + 1, "probe_topk": probe_prev}, rank, tc.keep_checkpoints)
+        if preempt:
+            bar.close()
+            raise Preempted()
+    bar.close()
+    if rank == 0:
+        write_student(engine.module, check_model_dir(cfg.student.path, "student"), out)
+    barrier()
+    return TrainSummary(out, len(steps) - start, len(steps), start, metrics)
+
+
+def _tensorboard(train_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        tqdm.write("train.tensorboard is set but tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(train_dir / "tb"))
