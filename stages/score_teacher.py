@@ -26,7 +26,7 @@ from pipeline.errors import UserError
 from pipeline.models import check_model_dir, check_same_vocabulary, load_tokenizer
 from pipeline.prompts import tokenizer_fingerprint
 from pipeline.rundir import RunDir, freeze_config
-from pipeline.shards import Manifest, read_shard, require_complete
+from pipeline.shards import read_shard, require_complete, verify_stage
 from pipeline.work import ShardResult, StageSummary, WorkerSpec, run_shards
 
 STAGE = "teacher"
@@ -133,6 +133,7 @@ def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: Worker
     rollout_dir = run.stage_dir(round_index, "rollouts")
     rollouts = require_complete(rollout_dir, f"round {round_index} rollouts",
                                 f"run `eopd-pipe rollout {run.root} --round {round_index}` first")
+    verify_stage(rollout_dir, rollouts)
     teacher_path = check_model_dir(cfg.teacher.path, "teacher")
     student_path = check_model_dir(cfg.student.path, "student")
     student_tok, teacher_tok = load_tokenizer(student_path, "student"), load_tokenizer(teacher_path, "teacher")

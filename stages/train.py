@@ -37,7 +37,7 @@ from pipeline.teacher_data import TeacherRows, load_teacher_rows
 from pipeline.training import (CHECKPOINT_DONE, DeepSpeedEngine, TorchEngine, all_reduce_sum, barrier,
                                checkpoint_name, complete_checkpoints, load_deepspeed_config, lr_factor,
                                prune_checkpoints, rng_state, seed_everything, set_rng_state, world)
-from pipeline.work import derive_seed
+from pipeline.work import derive_seed, test_pause
 
 NORMALISATION = "loss = sum over response tokens of L_t / (all response tokens of the optimiser step)"
 
@@ -265,6 +265,7 @@ def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: b
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", gate=f"{metrics['gate_fraction']:.2f}",
                             tok_s=f"{metrics['tokens_per_s']:,.0f}")
             bar.update(1)
+        test_pause("train_step", s + 1)
         if (s + 1) % tc.checkpoint_every == 0 or preempt or s + 1 == len(steps):
             save_checkpoint(engine, ckpt_dir, s + 1, {"step": s + 1, "probe_topk": probe_prev}, rank, tc.keep_checkpoints)
         if preempt:

@@ -139,3 +139,21 @@ def tree_snapshot(root: Path) -> dict[str, bytes]:
     if not root.exists():
         return {}
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+TRAIN = {"lr": 3e-3, "gate_quantile": 0.5, "batch_rows": 8, "micro_batch_tokens": 256, "checkpoint_every": 2, "lr_schedule": "constant",
+         "probe_tokens": 64}
+
+
+@pytest.fixture(scope="session")
+def scored(toy, tmp_path_factory) -> tuple[Path, Path]:
+    """(config, run dir) with round 0's rollouts (real vLLM) and teacher shards done."""
+    tmp = tmp_path_factory.mktemp("scored")
+    cfg = write_config(tmp / "cfg.yaml", toy, rollout={"n": 2, "max_tokens": 16, "prompts_per_shard": 12,
+                                                        "vllm": {"enforce_eager": True, "dtype": "float32"}},
+                       score_teacher={"top_k": 8, "token_budget": 256, "token_chunk": 64}, train=TRAIN, rounds=2)
+    run = tmp / "run"
+    for stage in ("rollout", "score-teacher"):
+        res = run_cli(stage, run, "--config", cfg)
+        assert res.returncode == 0, res.stderr[-3000:]
+    return cfg, run

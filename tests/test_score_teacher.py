@@ -1,0 +1,114 @@
+"""`eopd-pipe score-teacher` on the tiny teacher: exact statistics, compact shards, resumable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import kill_group, run_cli, spawn_cli, tree_snapshot, wait_for_line
+from pipeline.codec import codec_from_metadata
+from pipeline.shards import file_metadata, sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+def teacher_digests(run: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted((run / "round-0000" / "teacher").glob("part-*.parquet"))}
+
+
+def without_teacher(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("teacher", "train", "student"))
+    return dest
+
+
+def test_stored_statistics_equal_a_naive_full_log_softmax(scored, toy):
+    from transformers import AutoModelForCausalLM
+
+    _, run = scored
+    teacher = AutoModelForCausalLM.from_pretrained(toy.teacher, dtype=torch.float32).eval()
+    path = run / "round-0000" / "teacher" / "part-00000.parquet"
+    table = pq.read_table(path)
+    meta = file_metadata(path)
+    assert meta["k"] == "8" and meta["teacher"] == str(toy.teacher) and "tokenizer_fingerprint" in meta
+    codec = codec_from_metadata(meta)
+    ids, lps = codec.decode(table)
+    start = 0
+    for row in table.slice(0, 6).to_pylist():
+        P, T = len(row["prompt_token_ids"]), len(row["response_token_ids"])
+        seq = torch.tensor([row["prompt_token_ids"] + row["response_token_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(seq).logits[0, P - 1 : P + T - 1].float(), -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        assert torch.allclose(torch.tensor(row["teacher_entropy"]), entropy, atol=1e-5)
+        target = logp.gather(-1, torch.tensor(row["response_token_ids"])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(row["teacher_token_logprob"]), target, atol=1e-5)
+        top = logp.topk(8, -1)
+        assert torch.equal(ids[start : start + T], top.indices)
+        floor_ok = top.values > -20  # the codec's documented floor aside
+        err = (lps[start : start + T] - top.values).abs()[floor_ok]
+        assert err.max() <= codec.max_abs_error + 1e-6
+        start += T
+
+
+def test_shards_load_with_datasets_and_are_compact(scored):
+    import datasets
+
+    _, run = scored
+    stage = run / "round-0000" / "teacher"
+    ds = datasets.load_dataset("parquet", data_files=str(stage / "*.parquet"), split="train")
+    rollouts = datasets.load_dataset("parquet", data_files=str(run / "round-0000" / "rollouts" / "*.parquet"), split="train")
+    assert ds.num_rows == rollouts.num_rows
+    assert {"teacher_topk_ids", "teacher_topk_logprobs", "teacher_entropy", "teacher_token_logprob"} <= set(ds.column_names)
+
+
+def test_kill9_mid_stage_then_resume_is_identical(scored, tmp_path):
+    _, run = scored
+    fresh = without_teacher(run, tmp_path / "run")
+    proc = spawn_cli("score-teacher", fresh, env={"EOPD_TEST_PAUSE": "shard_rename:0"})
+    wait_for_line(proc, "EOPD_TEST_PAUSE reached")
+    kill_group(proc, signal.SIGKILL)
+    res = run_cli("score-teacher", fresh)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert teacher_digests(fresh) == teacher_digests(run)
+    assert not [p for p in fresh.rglob("*") if ".tmp" in p.name]
+
+
+def refused(res, *fragments):
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    for f in fragments:
+        assert f in res.stderr, (f, res.stderr)
+
+
+def test_tokenizer_mismatch_stops_before_any_work(scored, toy, tmp_path):
+    from transformers import AutoTokenizer
+
+    _, run = scored
+    fresh = without_teacher(run, tmp_path / "run")
+    other = tmp_path / "other-teacher"
+    shutil.copytree(toy.teacher, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_special_tokens({"additional_special_tokens": ["<|other|>"]})
+    tok.save_pretrained(other)
+    before = tree_snapshot(fresh)
+    refused(run_cli("score-teacher", fresh, "--set", f"teacher.path={other}", "--allow-config-change"),
+            "not the same vocabulary", "<|other|>")
+    assert tree_snapshot(fresh) == before
+
+
+def test_missing_and_corrupted_rollouts(scored, tmp_path):
+    _, run = scored
+    fresh = without_teacher(run, tmp_path / "run")
+    victim = fresh / "round-0000" / "rollouts" / "part-00001.parquet"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    refused(run_cli("score-teacher", fresh), "part-00001.parquet is corrupted")
+    assert not (fresh / "round-0000" / "teacher" / "part-00001.parquet").exists()
+    refused(run_cli("score-teacher", fresh, "--round", "1"), "no round 1 rollouts", "eopd-pipe rollout")

@@ -1,0 +1,120 @@
+"""`eopd-pipe train` end to end on the tiny models: real rollouts (vLLM), real teacher shards,
+real training processes killed for real, DeepSpeed on CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CLI_ENV, REPO, kill_group, run_cli, spawn, spawn_cli, wait_for_line, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def fresh_copy(run: Path, dest: Path) -> Path:
+    """A copy of a run with rollouts and teacher shards but no training."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("train", "student"))
+    return dest
+
+
+def metrics(run: Path) -> list[dict]:
+    lines = (run / "round-0000" / "train" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(l) for l in lines]
+
+
+@pytest.fixture(scope="module")
+def trained(scored, tmp_path_factory) -> Path:
+    cfg, run = scored
+    run = fresh_copy(run, tmp_path_factory.mktemp("trained") / "run")
+    res = run_cli("train", run)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "student written to" in res.stdout
+    return run
+
+
+def test_training_lowers_the_objective_and_changes_the_weights(trained, toy):
+    m = metrics(trained)
+    assert [x["step"] for x in m] == list(range(1, len(m) + 1)) and len(m) >= 4
+    for key in ("loss", "rkl", "fkl", "fkl_high_entropy", "gate_fraction", "student_entropy", "teacher_entropy",
+                "top10_change", "tokens_per_s", "lr", "grad_norm"):
+        assert key in m[0]
+    assert 0 < m[0]["gate_fraction"] < 1
+    first, last = sum(x["fkl"] for x in m[:2]) / 2, sum(x["fkl"] for x in m[-2:]) / 2
+    assert last < first, (first, last)
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(toy.student).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(trained / "round-0000" / "student").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_trained_student_drives_the_next_rounds_rollout(trained):
+    """The written student loads in vLLM: round 1's rollout samples from it."""
+    res = run_cli("rollout", trained, "--round", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(trained / "round-0001" / "rollouts" / "part-00000.parquet")
+    assert set(t.column("policy_round").to_pylist()) == {1} and t.num_rows > 0
+    assert pq.read_schema(trained / "round-0001" / "rollouts" / "part-00000.parquet").metadata[b"eopd.policy"].endswith(b"round-0000/student")
+
+
+def test_kill9_mid_training_then_resume_gives_identical_losses(scored, trained, tmp_path):
+    _, run = scored
+    run = fresh_copy(run, tmp_path / "run")
+    proc = spawn_cli("train", run, env={"EOPD_TEST_PAUSE": "train_step:3"})  # checkpoint at 2, step 3 logged
+    wait_for_line(proc, "EOPD_TEST_PAUSE reached")
+    kill_group(proc, signal.SIGKILL)
+    assert len(metrics(run)) == 3
+    res = run_cli("train", run)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed after step 2" in res.stdout
+    ref = metrics(trained)
+    got = metrics(run)
+    assert [x["step"] for x in got] == [x["step"] for x in ref]
+    for a, b in zip(got, ref):
+        assert a["loss"] == b["loss"] and a["fkl"] == b["fkl"] and a["grad_norm"] == b["grad_norm"], (a, b)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_nonzero(scored, tmp_path):
+    _, run = scored
+    run = fresh_copy(run, tmp_path / "run")
+    proc = spawn_cli("train", run, env={"EOPD_TEST_PAUSE": "train_step:3:2"})  # a 2 s pause after step 3
+    wait_for_line(proc, "EOPD_TEST_PAUSE reached")
+    assert kill_group(proc, signal.SIGTERM) == 143
+    ckpts = sorted(p.name for p in (run / "round-0000" / "train" / "checkpoints").iterdir())
+    assert "step-000003" in ckpts and not (run / "round-0000" / "student").exists()
+
+
+def test_deepspeed_zero2_on_cpu_two_ranks(scored, tmp_path):
+    _, run = scored
+    run = fresh_copy(run, tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline.cli",
+                           "train", str(run), "--set", "train.deepspeed=configs/deepspeed/zero2.json",
+                           "--allow-config-change"],
+                          cwd=REPO, env={**__import__("os").environ, **CLI_ENV, "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = metrics(run)
+    assert len(m) >= 4 and all(x["loss"] == x["loss"] for x in m)  # finite, logged once (rank 0)
+    assert (run / "round-0000" / "student" / "config.json").is_file()
+
+
+def test_bad_teacher_inputs_are_refused(scored, tmp_path):
+    cfg, run = scored
+    run = fresh_copy(run, tmp_path / "run")
+    res = run_cli("train", run, "--set", "score_teacher.top_k=4", "--allow-config-change")
+    assert res.returncode == 2 and "k=8" in res.stderr and "score_teacher.top_k=4" in res.stderr, res.stderr
+    res = run_cli("train", run, "--set", "train.objective=kl")
+    assert res.returncode == 2 and "train.objective" in res.stderr and "'eopd'" in res.stderr
+    shutil.rmtree(run / "round-0000" / "teacher")
+    res = run_cli("train", run)
+    assert res.returncode == 2 and "no teacher shards" in res.stderr and "score-teacher" in res.stderr
+    assert "Traceback" not in res.stderr
