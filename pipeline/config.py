@@ -110,6 +110,19 @@ class TrainConfig(Section):
     tensorboard: bool = Field(False, description="also log to RUN_DIR/round-R/train/tb (needs tensorboard)")
 
 
+class EvalConfig(Section):
+    prompts: PromptsConfig | None = Field(None, description="evaluation problems (with an answer column); null: nothing to evaluate")
+    answer_field: str = "answer"
+    verifier: Literal["math", "toy"] = Field("math", description="math: the math-verify package (\\boxed{} and plain); toy: the embedded task's exact checker")
+    samples: int = Field(8, ge=1, description="responses per problem; pass@1..pass@samples are reported (paper: 8)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(0.8, gt=0, le=1, description="paper's evaluation: 0.8")
+    max_tokens: int = Field(8192, ge=1)
+    models: list[str] = Field(default_factory=lambda: ["base", "final"],
+                              description="what `run` evaluates at the end: base, teacher, final, or round-N")
+    vllm: VllmConfig = VllmConfig()
+
+
 class Config(Section):
     seed: int = 0
     rounds: int = Field(1, ge=1)
@@ -119,6 +132,7 @@ class Config(Section):
     rollout: RolloutConfig = RolloutConfig()
     score_teacher: ScoreTeacherConfig = ScoreTeacherConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 # ----------------------------------------------------------------------------- loading
