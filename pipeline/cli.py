@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -162,6 +163,73 @@ def status(run_dir, verify):
         click.echo("all shards match their manifests")
 
 
+@main.command("run", context_settings=CONTEXT)
+@stage_options
+@handle_errors
+def run_cmd(run_dir, config_path, overrides, allow_config_change):
+    """All rounds: rollout -> score-teacher -> train, then eval and report.
+
+    Each stage runs as its own process and is skipped when already complete, so the same command
+    resumes after a kill or preemption at any point. Ends with the eval table and the plot paths.
+    """
+    from stages.eval import format_eval_table
+    from stages.report import make_report
+    from stages.run import run_all
+
+    run = RunDir(run_dir)
+    cfg = resolve_config(run, config_path, overrides)
+    models = run_all(run, cfg, allow_config_change)
+    if models:
+        results = [json.loads((run.root / "eval" / f"{m}.json").read_text()) for m in models]
+        click.echo(format_eval_table(results))
+    for path in make_report(run):
+        click.echo(f"plot: {path}")
+
+
+@main.command("eval", context_settings=CONTEXT)
+@stage_options
+@click.option("--model", default="final", show_default=True,
+              help="base (student.path), teacher, final (the newest trained student) or round-N.")
+@handle_errors
+def eval_cmd(run_dir, config_path, overrides, allow_config_change, model):
+    """Sample eval.samples responses per eval problem with vLLM, verify the answers and report
+    pass@1..pass@k (unbiased estimator), Avg@k, token entropy and answer diversity.
+
+    Writes RUN_DIR/eval/MODEL.json and prints a table.
+    """
+    from stages.eval import format_eval_table, run_eval
+
+    run = RunDir(run_dir)
+    cfg = resolve_config(run, config_path, overrides)
+    click.echo(format_eval_table([run_eval(run, cfg, model)]))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@handle_errors
+def report(run_dir):
+    """PNG plots of the training metrics across rounds and of eval pass@k, into RUN_DIR/report/."""
+    from stages.report import make_report
+
+    for path in make_report(RunDir(run_dir)):
+        click.echo(f"plot: {path}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("compare"),
+              show_default=True, help="Where the comparison plot goes.")
+@handle_errors
+def compare(run_dirs, out_dir):
+    """Side by side: several runs of the same setup (e.g. train.objective rkl vs eopd):
+    pass@k, student entropy, FKL on high-entropy teacher tokens."""
+    from stages.report import compare_runs
+
+    table, png = compare_runs([RunDir(d) for d in run_dirs], out_dir)
+    click.echo(table)
+    click.echo(f"plot: {png}")
+
+
 @main.command("make-toy", context_settings=CONTEXT)
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--quick", is_flag=True, help="Untrained tiny models in seconds (for tests), instead of the trained demo teacher.")
@@ -181,4 +249,4 @@ def make_toy_cmd(out_dir, quick, seed):
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="eopd-pipe")

@@ -105,6 +105,7 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(50, ge=1, description="optimiser steps between checkpoints (also on SIGTERM)")
     keep_checkpoints: int = Field(2, ge=1)
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); launch with deepspeed/torchrun")
+    processes: int = Field(1, ge=1, description="ranks `eopd-pipe run` launches for training (torchrun); needs train.deepspeed when > 1")
     deterministic: bool = Field(True, description="torch deterministic algorithms (exact resume on CPU)")
     probe_tokens: int = Field(256, ge=1, description="fixed tokens on which the student's top-10 change rate is measured")
     tensorboard: bool = Field(False, description="also log to RUN_DIR/round-R/train/tb (needs tensorboard)")

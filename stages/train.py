@@ -209,6 +209,8 @@ def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: b
 
     train_dir = run.stage_dir(round_index, "train")
     ckpt_dir, metrics_path = train_dir / "checkpoints", train_dir / "metrics.jsonl"
+    if rank == 0:
+        _hold_train_lock(train_dir)
     start, probe_prev = 0, None
     if ckpts := complete_checkpoints(ckpt_dir):
         client = engine.load(ckpts[-1])
@@ -285,3 +287,20 @@ def _tensorboard(train_dir: Path):
         tqdm.write("train.tensorboard is set but tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
         return None
     return SummaryWriter(str(train_dir / "tb"))
+
+
+_TRAIN_LOCK = None
+
+
+def _hold_train_lock(train_dir: Path) -> None:
+    """One training per round at a time (OS lock, released if this process dies)."""
+    from filelock import FileLock, Timeout
+
+    global _TRAIN_LOCK
+    train_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(train_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"another process is training {train_dir} (it holds {train_dir / '.lock'}); wait for it or stop it") from None
+    _TRAIN_LOCK = lock
