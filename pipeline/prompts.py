@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import PromptsConfig
 from pipeline.errors import UserError
-from pipeline.shards import file_metadata, write_shard
+from pipeline.shards import file_metadata, remove_stale_tmp, write_shard
 
 RESERVED_COLUMNS = {
     "prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", "response_logprobs",
@@ -131,6 +131,7 @@ def tokenized_prompts(prompts_dir: Path, cfg: PromptsConfig, tokenizer) -> tuple
 def save_prompt_cache(prompts_dir: Path, table: pa.Table) -> None:
     key = table.schema.metadata[b"eopd.cache_key"].decode()
     Path(prompts_dir).mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(Path(prompts_dir) / "prompts.parquet")
     write_shard(Path(prompts_dir) / "prompts.parquet", table, {"cache_key": key, "stage": "prompts"})
 
 

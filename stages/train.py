@@ -167,8 +167,9 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, rank: int, 
 
 
 def write_student(model, tokenizer_dir: Path, out: Path) -> None:
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a predecessor killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
         load_tokenizer(tokenizer_dir).save_pretrained(tmp)
