@@ -1,0 +1,122 @@
+"""Per-token teacher statistics from final hidden states, without a [tokens, vocab] fp32 tensor.
+
+For one position with logits z (over the full vocabulary V) and target token y:
+
+    logZ          = log sum_v exp(z_v)
+    log p_v       = z_v - logZ                      (natural log)
+    entropy H     = -sum_v p_v log p_v = logZ - sum_v p_v z_v      (nats, exact over all V)
+    topk          = the k largest log p_v, sorted descending (NOT renormalised over the k)
+    target        = log p_y
+
+`chunked_token_stats` computes these from hidden [T, H] and the lm_head weight [V, H] a block of
+`token_chunk` rows at a time (and optionally `vocab_chunk` columns at a time, with a streaming
+log-sum-exp and a running top-k merge), always in fp32. `token_stats_naive` is the full
+log_softmax reference on materialised logits.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class TokenStats(NamedTuple):
+    topk_ids: Tensor  # [T, k] int64, most probable first
+    topk_logprobs: Tensor  # [T, k] float32, log p (not renormalised), descending
+    entropy: Tensor  # [T] float32, nats, full vocabulary
+    target_logprob: Tensor  # [T] float32, log p(target_ids)
+
+
+@torch.no_grad()
+def token_stats_naive(logits: Tensor, target_ids: Tensor, k: int) -> TokenStats:
+    """Reference: logp = log_softmax(logits) over the full vocabulary in fp32, then
+    H = -sum exp(logp) * logp, topk(logp, k), logp[target]. Logits must be finite."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -logp.exp().mul_(logp).sum(-1)  # in place: logits, logp and p are the full-size tensors
+    top = logp.topk(k, dim=-1)
+    target = logp.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
+    return TokenStats(top.indices, top.values, entropy, target)
+
+
+@torch.no_grad()
+def chunked_token_stats(hidden: Tensor, lm_head_weight: Tensor, target_ids: Tensor, k: int,
+                        token_chunk: int = 512, vocab_chunk: int | None = None,
+                        lm_head_bias: Tensor | None = None) -> TokenStats:
+    """Teacher statistics for logits z = hidden @ W^T (+ b), exact over the full vocabulary.
+
+    hidden [T, H] are the final (post-norm) hidden states; W [V, H]. Any dtype: each block is
+    computed in fp32. The largest temporaries are two fp32 [token_chunk, vocab_chunk or V] blocks.
+
+    Over the vocabulary blocks of one token block, with m the running max logit:
+        s = sum_v exp(z_v - m),   a = sum_v exp(z_v - m) (z_v - m)
+    and when m grows to m': s <- s e^(m-m') + s_blk, a <- e^(m-m') (a + s (m-m')) + a_blk. Then
+        logZ = m + log s,   H = log s - a / s.
+    Keeping z - m (<= 0) instead of z avoids cancelling two large numbers in logZ - E[z].
+    Logits of -inf (masked vocabulary entries) are allowed: they contribute p = 0.
+    With vocab_chunk=None and a non-fp32 weight, one fp32 copy of W [V, H] is made up front;
+    pass vocab_chunk to bound that too (each block's slice is then cast on the fly).
+    """
+    T, V = hidden.shape[0], lm_head_weight.shape[0]
+    if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and lm_head_weight {tuple(lm_head_weight.shape)} must be [T, H] and [V, H]")
+    if target_ids.shape != (T,):
+        raise ValueError(f"target_ids {tuple(target_ids.shape)} must be [T] = [{T}]")
+    if not 1 <= k <= V:
+        raise ValueError(f"k must be in [1, vocab size {V}], got {k}")
+    if token_chunk < 1 or (vocab_chunk is not None and vocab_chunk < 1):
+        raise ValueError("token_chunk and vocab_chunk must be positive")
+    dev = hidden.device
+    vocab_chunk = V if vocab_chunk is None else min(vocab_chunk, V)
+    blocks = [(v0, min(v0 + vocab_chunk, V)) for v0 in range(0, V, vocab_chunk)]
+    # One block: cast W once, not once per token block. Several: cast each slice when used.
+    w_full = lm_head_weight.float() if len(blocks) == 1 else None
+    b_full = lm_head_bias.float() if lm_head_bias is not None else None
+    target_ids = target_ids.to(dev).long()
+
+    out = TokenStats(torch.empty(T, k, dtype=torch.long, device=dev),
+                     torch.empty(T, k, dtype=torch.float32, device=dev),
+                     torch.empty(T, dtype=torch.float32, device=dev),
+                     torch.empty(T, dtype=torch.float32, device=dev))
+    neg = torch.finfo(torch.float32).min  # finite start for m: keeps s (m - m') free of 0 * inf
+    for t0 in range(0, T, token_chunk):
+        t1 = min(t0 + token_chunk, T)
+        h, tgt, n = hidden[t0:t1].float(), target_ids[t0:t1], t1 - t0
+        m = torch.full((n,), neg, device=dev)
+        s = torch.zeros(n, device=dev)
+        a = torch.zeros(n, device=dev)
+        tgt_logit = torch.zeros(n, device=dev)
+        best_val = torch.empty(n, 0, device=dev)
+        best_id = torch.empty(n, 0, dtype=torch.long, device=dev)
+        for v0, v1 in blocks:
+            w = w_full if w_full is not None else lm_head_weight[v0:v1].float()
+            z = h @ w.T  # [n, v1 - v0] fp32
+            if b_full is not None:
+                z += b_full[v0:v1]
+            # target logit, if the target falls in this block (gather + where: no host sync)
+            inside = (tgt >= v0) & (tgt < v1)
+            g = z.gather(1, (tgt - v0).clamp(0, v1 - v0 - 1).unsqueeze(1)).squeeze(1)
+            tgt_logit = torch.where(inside, g, tgt_logit)
+            # running top-k: best of (previous best, this block's best)
+            val, idx = z.topk(min(k, v1 - v0), dim=1)
+            best_val, pos = torch.cat([best_val, val], 1).topk(min(k, best_val.shape[1] + val.shape[1]), dim=1)
+            best_id = torch.cat([best_id, idx + v0], 1).gather(1, pos)
+            # streaming log-sum-exp and entropy accumulators, relative to the running max
+            m_new = torch.maximum(m, z.max(1).values)
+            z -= m_new.unsqueeze(1)
+            z.clamp_(min=-1e4)  # -inf -> -1e4: exp() still 0, but 0 * z stays 0, not nan
+            e = z.exp()
+            s_blk = e.sum(1)
+            a_blk = e.mul_(z).sum(1)  # in place: at most two [n, block] fp32 tensors live
+            scale = torch.exp(m - m_new)
+            a = scale * (a + s * (m - m_new)) + a_blk
+            s = scale * s + s_blk
+            m = m_new
+            del z, e
+        log_z = m + s.log()
+        out.topk_ids[t0:t1] = best_id
+        out.topk_logprobs[t0:t1] = best_val - log_z.unsqueeze(1)
+        out.entropy[t0:t1] = s.log() - a / s
+        out.target_logprob[t0:t1] = tgt_logit - log_z
+    return out
