@@ -74,6 +74,7 @@ class WorkerSpec:
 class ShardResult:
     table: pa.Table
     tokens: int  # tokens produced/processed, for the tokens/s readout
+    engine_seconds: float = 0.0  # inside the model engine (vLLM, teacher forward), for bench/end_to_end.py
 
 
 @dataclass
@@ -84,7 +85,10 @@ class StageSummary:
     done_before: list[int] = field(default_factory=list)
     busy_elsewhere: list[int] = field(default_factory=list)  # claimed by another live worker
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # computing shards, model load excluded
+    load_seconds: float = 0.0
+    engine_seconds: float = 0.0
+    wall_seconds: float = 0.0
     complete: bool = False
 
 
@@ -105,6 +109,7 @@ def run_shards(
     `open_worker()` loads the model (slow) and returns the function that computes one shard; it
     is called only if there is a shard to do, so a finished stage costs no model load.
     """
+    wall0 = time.perf_counter()
     stage_dir = Path(stage_dir)
     manifest = Manifest(stage_dir)
     manifest.init(num_shards, plan)
@@ -141,10 +146,13 @@ def run_shards(
                 else:
                     with PREEMPTION.abandonable():
                         if compute is None:
+                            t0 = time.perf_counter()
                             compute = open_worker()
+                            summary.load_seconds = time.perf_counter() - t0
                         t0 = time.perf_counter()  # after the model load: tokens/s is the steady rate
                         result = compute(i)
                         summary.seconds += time.perf_counter() - t0
+                        summary.engine_seconds += result.engine_seconds
                         test_pause("shard_compute", i)
                     info = write_shard(final, result.table, file_metadata, tokens=result.tokens,
                                        before_rename=lambda: test_pause("shard_rename", i))
@@ -161,4 +169,5 @@ def run_shards(
     finally:
         bar.close()
     summary.complete = manifest.is_complete()
+    summary.wall_seconds = time.perf_counter() - wall0
     return summary

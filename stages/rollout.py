@@ -10,6 +10,7 @@ Recipe:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -63,7 +64,9 @@ def sample_shard(llm, prompts: pa.Table, rows: list[int], cfg: Config, round_ind
                 seed=derive_seed(cfg.seed, STAGE, round_index, pid, s),
             ))
             keys.append(s)
+    t0 = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=False)
+    engine_seconds = time.perf_counter() - t0
 
     cols: dict[str, list] = {k: [] for k in ("prompt_id", "sample_index", "prompt_token_ids", "response_token_ids",
                                              "response_logprobs", "finish_reason", "policy_round")}
@@ -86,7 +89,7 @@ def sample_shard(llm, prompts: pa.Table, rows: list[int], cfg: Config, round_ind
     schema = rollout_schema(prompts.schema)
     arrays = [pa.array(cols[f.name], f.type) for f in schema if f.name in cols]
     table = pa.Table.from_arrays(arrays + list(extra.columns), schema=schema)
-    return ShardResult(table, tokens)
+    return ShardResult(table, tokens, engine_seconds)
 
 
 def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec | None = None,

@@ -13,6 +13,7 @@ Recipe:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,13 +81,15 @@ def length_sorted_batches(lengths: list[int], token_budget: int) -> list[list[in
 
 @torch.no_grad()
 def score_rows(model, prompts: list[list[int]], responses: list[list[int]], cfg: ScoreTeacherConfig,
-               id_map: dict[int, int]) -> list[tuple[np.ndarray, ...]]:
-    """Per row: (topk_ids [T,k], topk_logprobs [T,k], entropy [T], token_logprob [T]) as numpy."""
+               id_map: dict[int, int]) -> tuple[list[tuple[np.ndarray, ...]], float]:
+    """Per row: (topk_ids [T,k], topk_logprobs [T,k], entropy [T], token_logprob [T]) as numpy;
+    and the seconds spent in the teacher (forward + statistics)."""
     backbone, head = model.get_decoder(), model.get_output_embeddings()
     device = head.weight.device
     inv_map = {t: s for s, t in id_map.items()}
     seqs = [p + [id_map.get(t, t) for t in r] for p, r in zip(prompts, responses)]
     results: list = [None] * len(seqs)
+    engine_seconds = 0.0
     for batch in length_sorted_batches([len(s) for s in seqs], cfg.token_budget):
         width = len(seqs[batch[0]])
         ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -94,6 +97,7 @@ def score_rows(model, prompts: list[list[int]], responses: list[list[int]], cfg:
         for row, i in enumerate(batch):
             ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
             mask[row, : len(seqs[i])] = 1
+        t0 = time.perf_counter()
         hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         # Position j predicts token j+1: response token t (at P+t) is predicted at P+t-1.
         picks, targets = [], []
@@ -104,7 +108,8 @@ def score_rows(model, prompts: list[list[int]], responses: list[list[int]], cfg:
         stats = chunked_token_stats(torch.cat(picks), head.weight, torch.cat(targets).to(device), cfg.top_k,
                                     token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk,
                                     lm_head_bias=getattr(head, "bias", None))
-        topk_ids = stats.topk_ids.cpu().numpy()
+        topk_ids = stats.topk_ids.cpu().numpy()  # .cpu() waits for the GPU: the engine time ends here
+        engine_seconds += time.perf_counter() - t0
         for s, t in inv_map.items():  # report top-k in the student's ids
             topk_ids[topk_ids == s] = t
         arrays = (topk_ids, stats.topk_logprobs.cpu().numpy(), stats.entropy.cpu().numpy(),
@@ -114,7 +119,7 @@ def score_rows(model, prompts: list[list[int]], responses: list[list[int]], cfg:
             T = len(responses[i])
             results[i] = tuple(a[start : start + T] for a in arrays)
             start += T
-    return results
+    return results, engine_seconds
 
 
 def teacher_table(rollouts: pa.Table, scored: list[tuple[np.ndarray, ...]], codec, k: int) -> pa.Table:
@@ -149,8 +154,8 @@ def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: Worker
         def compute(i: int) -> ShardResult:
             table = read_shard(rollout_dir, names[i], rollouts["shards"][names[i]])
             responses = table.column("response_token_ids").to_pylist()
-            scored = score_rows(model, table.column("prompt_token_ids").to_pylist(), responses, sc, id_map)
-            return ShardResult(teacher_table(table, scored, codec, sc.top_k), sum(len(r) for r in responses))
+            scored, engine_seconds = score_rows(model, table.column("prompt_token_ids").to_pylist(), responses, sc, id_map)
+            return ShardResult(teacher_table(table, scored, codec, sc.top_k), sum(len(r) for r in responses), engine_seconds)
         return compute
 
     meta = {"stage": STAGE, "round": str(round_index), "k": str(sc.top_k), "teacher": str(teacher_path),

@@ -49,6 +49,9 @@ class TrainSummary:
     total_steps: int
     resumed_from: int
     last_metrics: dict | None
+    wall_seconds: float = 0.0
+    load_seconds: float = 0.0
+    engine_seconds: float = 0.0  # forward, backward and optimiser step (bench/end_to_end.py)
 
 
 def objective_config(tc: TrainConfig) -> ObjectiveConfig:
@@ -180,6 +183,7 @@ def write_student(model, tokenizer_dir: Path, out: Path) -> None:
 
 
 def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: bool = False) -> TrainSummary:
+    wall0 = time.perf_counter()
     tc = cfg.train
     out = run.student_dir(round_index)
     if (out / "config.json").is_file():
@@ -204,9 +208,11 @@ def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: b
     if not steps:
         raise UserError(f"{teacher_dir}: {rows.num_rows} responses make no optimiser step of train.batch_rows={tc.batch_rows}")
     total_steps, offset = len(steps) * cfg.rounds, len(steps) * round_index
+    t_load = time.perf_counter()
     model, dtype = load_student(policy, tc, device)
     lr_lambda = lambda s: lr_factor(offset + s, total_steps, tc)  # noqa: E731 (LambdaLR wants a callable)
     engine = DeepSpeedEngine(model, tc, lr_lambda, bf16=dtype == torch.bfloat16) if tc.deepspeed else TorchEngine(model, tc, lr_lambda)
+    load_seconds, engine_seconds = time.perf_counter() - t_load, 0.0
 
     train_dir = run.stage_dir(round_index, "train")
     ckpt_dir, metrics_path = train_dir / "checkpoints", train_dir / "metrics.jsonl"
@@ -241,16 +247,19 @@ def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: b
         micro_batches = steps[s][rank]
         for j, mb in enumerate(micro_batches):
             batch = rows.token_batch(mb).to(device)
+            t_engine = time.perf_counter()
             hidden = response_hidden(engine.module, rows, mb, device)
             gate = entropy_gate(batch.teacher_entropy, tau)
             loss, stats = chunked_objective(hidden, head, batch, objective, normalizer, tc.loss_chunk, gate)
             engine.backward(loss, is_last_micro_batch=j == len(micro_batches) - 1)
+            engine_seconds += time.perf_counter() - t_engine
             parts.append(stats)
+        t_engine = time.perf_counter()
         grad_norm = engine.step()
+        engine_seconds += time.perf_counter() - t_engine
         stats = merge_stats(parts)
         keys = sorted(stats)
         stats = dict(zip(keys, all_reduce_sum([stats[k] for k in keys])))
-        preempt = all_reduce_sum([float(PREEMPTION.requested)])[0] > 0
         elapsed = time.perf_counter() - t0
         with torch.no_grad():
             probe_ids = student_topk_ids(response_hidden(engine.module, rows, probe, device), head, k=10)
@@ -269,6 +278,7 @@ def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: b
                             tok_s=f"{metrics['tokens_per_s']:,.0f}")
             bar.update(1)
         test_pause("train_step", s + 1)
+        preempt = all_reduce_sum([float(PREEMPTION.requested)])[0] > 0  # any rank told to stop: all stop here
         if (s + 1) % tc.checkpoint_every == 0 or preempt or s + 1 == len(steps):
             save_checkpoint(engine, ckpt_dir, s + 1, {"step": s + 1, "probe_topk": probe_prev}, rank, tc.keep_checkpoints)
         if preempt:
@@ -278,7 +288,8 @@ def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: b
     if rank == 0:
         write_student(engine.module, check_model_dir(cfg.student.path, "student"), out)
     barrier()
-    return TrainSummary(out, len(steps) - start, len(steps), start, metrics)
+    return TrainSummary(out, len(steps) - start, len(steps), start, metrics,
+                        time.perf_counter() - wall0, load_seconds, engine_seconds)
 
 
 def _tensorboard(train_dir: Path):
