@@ -71,8 +71,27 @@ def plan_steps(rows: TeacherRows, tc: TrainConfig, seed: int, round_index: int, 
             step_rows = order[a : a + tc.batch_rows]
             if len(step_rows) < world_size:
                 continue  # a tail too small to give every rank a response
-            steps.append([pack_micro_batches(rows, step_rows[r::world_size], tc.micro_batch_tokens) for r in range(world_size)])
+            per_rank = [pack_micro_batches(rows, step_rows[r::world_size], tc.micro_batch_tokens) for r in range(world_size)]
+            steps.append(equal_micro_batch_counts(per_rank))
     return steps
+
+
+def equal_micro_batch_counts(per_rank: list[list[list[int]]]) -> list[list[list[int]]]:
+    """Every rank must call backward equally often per step (ZeRO-2 reduces gradients on every
+    backward): split a rank's largest micro-batch, or add an empty one (a zero-weight backward)."""
+    target = max(len(mbs) for mbs in per_rank)
+    out = []
+    for mbs in per_rank:
+        mbs = [list(mb) for mb in mbs]
+        while len(mbs) < target:
+            big = max(range(len(mbs)), key=lambda j: len(mbs[j]))
+            if len(mbs[big]) > 1:
+                half = len(mbs[big]) // 2
+                mbs[big:big + 1] = [mbs[big][:half], mbs[big][half:]]
+            else:
+                mbs.append([])
+        out.append(mbs)
+    return out
 
 
 def pack_micro_batches(rows: TeacherRows, idx: list[int], budget: int) -> list[list[int]]:
@@ -246,11 +265,15 @@ def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: b
         head = engine.module.get_output_embeddings().weight
         micro_batches = steps[s][rank]
         for j, mb in enumerate(micro_batches):
+            # An empty micro-batch (ranks with fewer rows) backpropagates a zero loss on one row.
+            weight, mb = (1.0, mb) if mb else (0.0, [r for m in micro_batches for r in m][:1])
             batch = rows.token_batch(mb).to(device)
             t_engine = time.perf_counter()
             hidden = response_hidden(engine.module, rows, mb, device)
             gate = entropy_gate(batch.teacher_entropy, tau)
             loss, stats = chunked_objective(hidden, head, batch, objective, normalizer, tc.loss_chunk, gate)
+            if not weight:
+                loss, stats = loss * 0.0, {k: 0.0 for k in stats}
             engine.backward(loss, is_last_micro_batch=j == len(micro_batches) - 1)
             engine_seconds += time.perf_counter() - t_engine
             parts.append(stats)
