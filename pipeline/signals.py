@@ -1,10 +1,10 @@
-"""SIGTERM = preemption notice. Stages decide where it may interrupt them.
+"""SIGTERM = preemption notice: stop soon, exit 143, leave nothing half-written.
 
-Shard stages mark the slow part of a shard (the model work) as *abandonable*: a SIGTERM there
-raises `Preempted` at once, the shard's temporary file is removed, and the stage exits non-zero.
-Bookkeeping (renaming a shard, updating a manifest) is never interrupted: a SIGTERM that lands
-there is held until the bookkeeping is done. Training polls `requested` at step boundaries and
-saves a checkpoint before raising.
+By default a SIGTERM raises `Preempted` at once, wherever the program is: every file eopd-pipe
+writes is written under a temporary name and renamed, so abandoning work never leaves a
+half-written output. Code that must not be cut in the middle runs under `PREEMPTION.deferred()`:
+bookkeeping (rename a shard + record it in the manifest), and the training loop, which polls
+`PREEMPTION.requested` at step boundaries to save a checkpoint before it stops.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipeline.errors import Preempted
 class PreemptionGuard:
     def __init__(self) -> None:
         self.requested = False
-        self._abandonable = False
+        self._deferring = 0
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -28,23 +28,24 @@ class PreemptionGuard:
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.requested = True
-        if self._abandonable:
-            self._abandonable = False
+        if not self._deferring:
             raise Preempted()
 
     def check(self) -> None:
-        """Raise `Preempted` if a SIGTERM arrived while it could not interrupt."""
+        """Raise `Preempted` if a SIGTERM arrived while it was deferred."""
         if self.requested:
             raise Preempted()
 
     @contextmanager
-    def abandonable(self) -> Iterator[None]:
-        self.check()
-        self._abandonable = True
+    def deferred(self) -> Iterator[None]:
+        """Hold a SIGTERM until the block ends (then raise, unless the block raised already)."""
+        self._deferring += 1
         try:
             yield
         finally:
-            self._abandonable = False
+            self._deferring -= 1
+        if not self._deferring:
+            self.check()
 
 
 # One per process: signal handlers are process-wide.

@@ -142,24 +142,24 @@ def run_shards(
                 if final.is_file():
                     # Renamed only when complete: a predecessor died between rename and record.
                     table = pq.read_table(final)
-                    info = ShardInfo(table.num_rows, final.stat().st_size, sha256_file(final))
+                    result, info = None, ShardInfo(table.num_rows, final.stat().st_size, sha256_file(final))
                 else:
-                    with PREEMPTION.abandonable():
-                        if compute is None:
-                            t0 = time.perf_counter()
-                            compute = open_worker()
-                            summary.load_seconds = time.perf_counter() - t0
-                        t0 = time.perf_counter()  # after the model load: tokens/s is the steady rate
-                        result = compute(i)
-                        summary.seconds += time.perf_counter() - t0
-                        summary.engine_seconds += result.engine_seconds
-                        test_pause("shard_compute", i)
-                    info = write_shard(final, result.table, file_metadata, tokens=result.tokens,
-                                       before_rename=lambda: test_pause("shard_rename", i))
-                    summary.tokens += result.tokens
-                test_pause("shard_record", i)
-                manifest.record(i, info)
-                PREEMPTION.check()  # a SIGTERM held during the bookkeeping above
+                    if compute is None:
+                        t0 = time.perf_counter()
+                        compute = open_worker()
+                        summary.load_seconds = time.perf_counter() - t0
+                    t0 = time.perf_counter()  # after the model load: tokens/s is the steady rate
+                    result = compute(i)  # a SIGTERM up to here abandons the shard: nothing is on disk yet
+                    summary.seconds += time.perf_counter() - t0
+                    summary.engine_seconds += result.engine_seconds
+                    test_pause("shard_compute", i)
+                with PREEMPTION.deferred():  # write + rename + record: never cut in between
+                    if result is not None:
+                        info = write_shard(final, result.table, file_metadata, tokens=result.tokens,
+                                           before_rename=lambda: test_pause("shard_rename", i))
+                        summary.tokens += result.tokens
+                    test_pause("shard_record", i)
+                    manifest.record(i, info)
                 summary.done_now.append(i)
                 bar.update(1)
                 if summary.seconds > 0:

@@ -24,7 +24,6 @@ from pipeline.errors import Preempted, UserError
 from pipeline.models import check_model_dir
 from pipeline.rundir import RunDir, freeze_config
 from pipeline.shards import Manifest
-from pipeline.signals import PREEMPTION
 
 
 def _die_with_parent() -> None:
@@ -38,8 +37,7 @@ def run_stage(args: list[str], launcher: list[str] | None = None) -> None:
     click.secho(f"$ eopd-pipe {' '.join(args)}", fg="cyan", err=True)
     child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
     try:
-        with PREEMPTION.abandonable():
-            code = child.wait()
+        code = child.wait()
     except Preempted:
         child.send_signal(signal.SIGTERM)
         child.wait()

@@ -255,58 +255,60 @@ def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: b
     probe = probe_rows(rows, tc.probe_tokens)
     metrics = None
     bar = tqdm(total=len(steps), initial=start, desc=f"train round {round_index}", unit="step", disable=rank != 0)
-    for s in range(start, len(steps)):
-        t0 = time.perf_counter()
-        all_rows = [i for micro in steps[s] for mb in micro for i in mb]
-        normalizer = float(sum(rows.response_length(i) for i in all_rows))
-        # The gate threshold of a quantile gate is the quantile of the whole step's entropies.
-        tau = tc.tau if tc.gate_quantile is None else float(torch.quantile(rows.token_batch(all_rows).teacher_entropy, tc.gate_quantile))
-        parts = []
-        head = engine.module.get_output_embeddings().weight
-        micro_batches = steps[s][rank]
-        for j, mb in enumerate(micro_batches):
-            # An empty micro-batch (ranks with fewer rows) backpropagates a zero loss on one row.
-            weight, mb = (1.0, mb) if mb else (0.0, [r for m in micro_batches for r in m][:1])
-            batch = rows.token_batch(mb).to(device)
+    # A SIGTERM waits for the step boundary below: checkpoint, then stop.
+    with PREEMPTION.deferred():
+        for s in range(start, len(steps)):
+            t0 = time.perf_counter()
+            all_rows = [i for micro in steps[s] for mb in micro for i in mb]
+            normalizer = float(sum(rows.response_length(i) for i in all_rows))
+            # The gate threshold of a quantile gate is the quantile of the whole step's entropies.
+            tau = tc.tau if tc.gate_quantile is None else float(torch.quantile(rows.token_batch(all_rows).teacher_entropy, tc.gate_quantile))
+            parts = []
+            head = engine.module.get_output_embeddings().weight
+            micro_batches = steps[s][rank]
+            for j, mb in enumerate(micro_batches):
+                # An empty micro-batch (ranks with fewer rows) backpropagates a zero loss on one row.
+                weight, mb = (1.0, mb) if mb else (0.0, [r for m in micro_batches for r in m][:1])
+                batch = rows.token_batch(mb).to(device)
+                t_engine = time.perf_counter()
+                hidden = response_hidden(engine.module, rows, mb, device)
+                gate = entropy_gate(batch.teacher_entropy, tau)
+                loss, stats = chunked_objective(hidden, head, batch, objective, normalizer, tc.loss_chunk, gate)
+                if not weight:
+                    loss, stats = loss * 0.0, {k: 0.0 for k in stats}
+                engine.backward(loss, is_last_micro_batch=j == len(micro_batches) - 1)
+                engine_seconds += time.perf_counter() - t_engine
+                parts.append(stats)
             t_engine = time.perf_counter()
-            hidden = response_hidden(engine.module, rows, mb, device)
-            gate = entropy_gate(batch.teacher_entropy, tau)
-            loss, stats = chunked_objective(hidden, head, batch, objective, normalizer, tc.loss_chunk, gate)
-            if not weight:
-                loss, stats = loss * 0.0, {k: 0.0 for k in stats}
-            engine.backward(loss, is_last_micro_batch=j == len(micro_batches) - 1)
+            grad_norm = engine.step()
             engine_seconds += time.perf_counter() - t_engine
-            parts.append(stats)
-        t_engine = time.perf_counter()
-        grad_norm = engine.step()
-        engine_seconds += time.perf_counter() - t_engine
-        stats = merge_stats(parts)
-        keys = sorted(stats)
-        stats = dict(zip(keys, all_reduce_sum([stats[k] for k in keys])))
-        elapsed = time.perf_counter() - t0
-        with torch.no_grad():
-            probe_ids = student_topk_ids(response_hidden(engine.module, rows, probe, device), head, k=10)
-        change = topk_jaccard_distance(probe_prev, probe_ids) if probe_prev is not None else math.nan
-        probe_prev = probe_ids.cpu()
-        metrics = {"round": round_index, "step": s + 1, "global_step": offset + s + 1, "lr": engine.lr,
-                   "grad_norm": grad_norm, **summarize_stats(stats), "top10_change": change,
-                   "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / elapsed}
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if tb is not None:
-                for k, v in metrics.items():
-                    tb.add_scalar(f"train/{k}", v, offset + s + 1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", gate=f"{metrics['gate_fraction']:.2f}",
-                            tok_s=f"{metrics['tokens_per_s']:,.0f}")
-            bar.update(1)
-        test_pause("train_step", s + 1)
-        preempt = all_reduce_sum([float(PREEMPTION.requested)])[0] > 0  # any rank told to stop: all stop here
-        if (s + 1) % tc.checkpoint_every == 0 or preempt or s + 1 == len(steps):
-            save_checkpoint(engine, ckpt_dir, s + 1, {"step": s + 1, "probe_topk": probe_prev}, rank, tc.keep_checkpoints)
-        if preempt:
-            bar.close()
-            raise Preempted()
+            stats = merge_stats(parts)
+            keys = sorted(stats)
+            stats = dict(zip(keys, all_reduce_sum([stats[k] for k in keys])))
+            elapsed = time.perf_counter() - t0
+            with torch.no_grad():
+                probe_ids = student_topk_ids(response_hidden(engine.module, rows, probe, device), head, k=10)
+            change = topk_jaccard_distance(probe_prev, probe_ids) if probe_prev is not None else math.nan
+            probe_prev = probe_ids.cpu()
+            metrics = {"round": round_index, "step": s + 1, "global_step": offset + s + 1, "lr": engine.lr,
+                       "grad_norm": grad_norm, **summarize_stats(stats), "top10_change": change,
+                       "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / elapsed}
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if tb is not None:
+                    for k, v in metrics.items():
+                        tb.add_scalar(f"train/{k}", v, offset + s + 1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", gate=f"{metrics['gate_fraction']:.2f}",
+                                tok_s=f"{metrics['tokens_per_s']:,.0f}")
+                bar.update(1)
+            test_pause("train_step", s + 1)
+            preempt = all_reduce_sum([float(PREEMPTION.requested)])[0] > 0  # any rank told to stop: all stop here
+            if (s + 1) % tc.checkpoint_every == 0 or preempt or s + 1 == len(steps):
+                save_checkpoint(engine, ckpt_dir, s + 1, {"step": s + 1, "probe_topk": probe_prev}, rank, tc.keep_checkpoints)
+            if preempt:
+                bar.close()
+                raise Preempted()
     bar.close()
     if rank == 0:
         write_student(engine.module, check_model_dir(cfg.student.path, "student"), out)
