@@ -201,7 +201,7 @@ def eval_cmd(run_dir, config_path, overrides, allow_config_change, model):
 
     run = RunDir(run_dir)
     cfg = resolve_config(run, config_path, overrides)
-    click.echo(format_eval_table([run_eval(run, cfg, model)]))
+    click.echo(format_eval_table([run_eval(run, cfg, model, allow_config_change)]))
 
 
 @main.command(context_settings=CONTEXT)

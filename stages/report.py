@@ -1,0 +1,346 @@
+"""`eopd-pipe report` and `eopd-pipe compare`: PNG plots of what runs wrote.
+
+Recipe (report RUN_DIR):
+  1. training metrics: every RUN_DIR/round-*/train/metrics.jsonl in round order; x = global_step
+  2. one PNG per diagnostic the paper plots (loss parts; gate fraction; teacher and student token
+     entropy; FKL on high-entropy teacher tokens; the student's top-10 change rate), with dotted
+     vertical lines at round boundaries
+  3. eval: pass@k against k, one line per RUN_DIR/eval/*.json
+  4. a plot without data is skipped; a run with nothing to plot at all is an error
+
+Recipe (compare RUN_A RUN_B ... --out DIR):
+  1. per run: the objective (RUN_DIR/config.yaml), its `final` eval, its last round's metrics
+  2. a text table side by side, and DIR/compare.png: pass@k of each run's final model (base model
+     dashed) and student entropy over training; the table also goes to DIR/compare.txt
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir, atomic_write_text
+from stages.eval import render_table
+
+# (file name, title, y label, metric keys) of the training plots.
+TRAIN_PLOTS = [
+    ("train_loss.png", "Loss parts (per response token)", "nats", ["loss", "rkl", "fkl"]),
+    ("train_gate_fraction.png", "Share of tokens with teacher entropy above the gate", "fraction", ["gate_fraction"]),
+    ("train_entropy.png", "Token entropy", "nats", ["teacher_entropy", "student_entropy"]),
+    ("train_fkl_high_entropy.png", "Forward KL on high-entropy teacher tokens", "nats", ["fkl_high_entropy"]),
+    ("train_top10_change.png", "Student top-10 change rate between steps (Jaccard distance)", "distance", ["top10_change"]),
+]
+_MODEL_ORDER = re.compile(r"round-(\d+)")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of one metrics.jsonl. A torn last line (training killed mid-write) is skipped;
+    a bad line elsewhere is an error naming the file and line."""
+    lines = path.read_text().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue
+            raise UserError(f"{path}, line {n}: not valid JSON; the metrics file is damaged (delete the line, "
+                            f"or the file to drop this round's curves)") from None
+        if not isinstance(rec, dict) or "global_step" not in rec:
+            raise UserError(f"{path}, line {n}: expected a metrics record with a 'global_step' field")
+        records.append(rec)
+    return records
+
+
+def run_metrics(run: RunDir) -> dict[int, list[dict[str, Any]]]:
+    """round -> its metrics records (rounds without a metrics file or records left out)."""
+    out = {}
+    for r in run.rounds_present():
+        path = run.stage_dir(r, "train") / "metrics.jsonl"
+        if path.is_file() and (records := read_metrics(path)):
+            out[r] = records
+    return out
+
+
+def read_eval(path: Path) -> dict[str, Any]:
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); run `eopd-pipe eval` for that model again") from None
+    if not isinstance(result, dict) or not isinstance(result.get("pass_at_k"), dict):
+        raise UserError(f"{path}: not an eval result (no 'pass_at_k'); remove it or run `eopd-pipe eval` again")
+    return result
+
+
+def _model_key(name: str) -> tuple:
+    m = _MODEL_ORDER.fullmatch(name)
+    rank = {"base": 0, "final": 2, "teacher": 3}.get(name, 4)
+    return (1, int(m.group(1)), name) if m else (rank, 0, name)
+
+
+def run_evals(run: RunDir) -> dict[str, dict[str, Any]]:
+    """model name -> eval result, in the order base, round-N..., final, teacher, others."""
+    found = {p.stem: read_eval(p) for p in (run.root / "eval").glob("*.json") if p.is_file()}
+    return {name: found[name] for name in sorted(found, key=_model_key)}
+
+
+def pass_curve(result: dict[str, Any]) -> tuple[list[int], list[float]]:
+    ks = sorted(int(k) for k in result["pass_at_k"])
+    return ks, [result["pass_at_k"][str(k)] for k in ks]
+
+
+def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(global steps, values) of one metric, leaving out records without it and NaNs."""
+    xs, ys = [], []
+    for rec in records:
+        value = rec.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            xs.append(rec["global_step"])
+            ys.append(float(value))
+    return xs, ys
+
+
+def _nanmean(values: Sequence[Any]) -> float:
+    good = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(good) / len(good) if good else math.nan
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _figure(ncols: int = 1):
+    # The object API (no pyplot): no global backend or figure state, Agg rendering.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4 * ncols, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def save_png(fig, path: Path) -> Path:
+    """Render to a temporary file beside `path`, then rename: readers never see half a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _round_lines(ax, metrics: dict[int, list[dict[str, Any]]]) -> None:
+    """Dotted vertical lines between rounds (after each round's last step but the final one)."""
+    rounds = sorted(metrics)
+    for r in rounds[:-1]:
+        ax.axvline(max(rec["global_step"] for rec in metrics[r]) + 0.5, color="grey", linestyle=":", linewidth=1)
+
+
+def _style_passk(ax, max_k: int) -> None:
+    if max_k >= 8:  # the paper's curves: k on a log2 axis, ticks 1, 2, 4, ...
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([2 ** i for i in range(max_k.bit_length())])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter("")
+    ax.set_xlabel("k (samples per problem)")
+    ax.set_ylabel("pass@k")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+
+
+def plot_training(metrics: dict[int, list[dict[str, Any]]], out_dir: Path) -> list[Path]:
+    records = [rec for r in sorted(metrics) for rec in metrics[r]]
+    written = []
+    for name, title, ylabel, keys in TRAIN_PLOTS:
+        curves = {k: _series(records, k) for k in keys}
+        curves = {k: xy for k, xy in curves.items() if xy[0]}
+        if not curves:
+            continue
+        fig, (ax,) = _figure()
+        for key, (xs, ys) in curves.items():
+            ax.plot(xs, ys, label=key, marker="." if len(xs) <= 50 else None, linewidth=1.2)
+        _round_lines(ax, metrics)
+        ax.set_title(title + (f" ({len(metrics)} rounds, dotted: round boundaries)" if len(metrics) > 1 else ""), fontsize=10)
+        ax.set_xlabel("global step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        written.append(save_png(fig, out_dir / name))
+    return written
+
+
+def plot_eval(evals: dict[str, dict[str, Any]], out_dir: Path, title: str) -> Path:
+    fig, (ax,) = _figure()
+    max_k = 1
+    for name, result in evals.items():
+        ks, ps = pass_curve(result)
+        max_k = max(max_k, ks[-1])
+        ax.plot(ks, ps, marker="o", label=f"{name} (Avg@{result.get('samples', ks[-1])} {result.get('avg_at_k', ps[0]):.3f})")
+    _style_passk(ax, max_k)
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    return save_png(fig, out_dir / "eval_pass_at_k.png")
+
+
+def make_report(run: RunDir) -> list[Path]:
+    """Every plot the run's data allows, into RUN_DIR/report/; returns the written paths."""
+    if not run.root.is_dir():
+        raise UserError(f"{run.root} does not exist; give the RUN_DIR of a run")
+    out_dir = run.root / "report"
+    metrics = run_metrics(run)
+    evals = run_evals(run)
+    if not metrics and not evals:
+        raise UserError(f"nothing to plot in RUN_DIR {run.root}: no round-*/train/metrics.jsonl and no eval/*.json yet; "
+                        f"run `eopd-pipe train` or `eopd-pipe eval` first")
+    written = plot_training(metrics, out_dir) if metrics else []
+    if evals:
+        written.append(plot_eval(evals, out_dir, f"pass@k on the eval problems ({run.root.name})"))
+    return written
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+
+@dataclass
+class RunSummary:
+    label: str
+    objective: str
+    final: dict[str, Any] | None
+    base: dict[str, Any] | None
+    metrics: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def describe_objective(cfg: dict[str, Any]) -> str:
+    """e.g. 'eopd tau=0.8 lam=1', 'rkl', 'full lam=1', 'eopd q=0.5 lam=1' (quantile gate)."""
+    t = cfg.get("train") or {}
+    objective = t.get("objective", "eopd")
+    if objective == "eopd":
+        gate = f"q={t['gate_quantile']:g}" if t.get("gate_quantile") is not None else f"tau={t.get('tau', 0.8):g}"
+        return f"eopd {gate} lam={t.get('lam', 1.0):g}"
+    if objective == "full":
+        return f"full lam={t.get('lam', 1.0):g}"
+    if objective == "jsd":
+        return f"jsd beta={t.get('jsd_beta', 0.5):g}"
+    return str(objective)
+
+
+def summarize_run(run: RunDir, label: str) -> RunSummary:
+    if not run.config_path.is_file():
+        raise UserError(f"{run.root} has no config.yaml: not a run directory of eopd-pipe (give RUN_DIRs that "
+                        f"`eopd-pipe run` or a stage has written)")
+    try:
+        cfg = yaml.safe_load(run.config_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{run.config_path} is not valid YAML: {e}") from None
+    evals = run_evals(run)
+    return RunSummary(label, describe_objective(cfg), evals.get("final"), evals.get("base"), run_metrics(run))
+
+
+def _labels(runs: Sequence[RunDir]) -> list[str]:
+    """Run directory names, with the parent added where two names clash."""
+    names = [r.root.name for r in runs]
+    return [f"{r.root.parent.name}/{r.root.name}" if names.count(r.root.name) > 1 else r.root.name for r in runs]
+
+
+def _fmt(value: Any, scale: float = 1.0, digits: int = 3) -> str:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "-"
+    return f"{scale * value:.{digits}f}"
+
+
+def compare_table(summaries: Sequence[RunSummary]) -> str:
+    header = ["run", "objective", "k", "pass@1", "pass@k", "Avg@k", "entropy", "distinct ok",
+              "train H(student)", "FKL high-H", "gate frac"]
+    rows = []
+    for s in summaries:
+        f = s.final or {}
+        last = s.metrics[max(s.metrics)] if s.metrics else []
+        rows.append([
+            s.label, s.objective, str(f.get("samples", "-")),
+            _fmt(f.get("pass_at_k", {}).get("1"), 100, 1),
+            _fmt(f.get("pass_at_k", {}).get(str(f.get("samples"))), 100, 1),
+            _fmt(f.get("avg_at_k"), 100, 1), _fmt(f.get("mean_token_entropy")), _fmt(f.get("mean_distinct_correct"), digits=2),
+            _fmt(_nanmean([r.get("student_entropy") for r in last])),
+            _fmt(_nanmean([r.get("fkl_high_entropy") for r in last])),
+            _fmt(_nanmean([r.get("gate_fraction") for r in last])),
+        ])
+    return (render_table(header, rows)
+            + "\n(eval of each run's final model: pass@k, Avg@k in %, k = samples per problem, entropy = mean token entropy"
+            "\n in nats, distinct ok = distinct correct responses per problem; training means over the last round's steps:"
+            "\n student token entropy, forward KL on teacher tokens above the entropy gate, share of tokens gated)")
+
+
+def _legend(s: RunSummary) -> str:
+    return s.label if s.label == s.objective else f"{s.label} ({s.objective})"
+
+
+def compare_runs(runs: Sequence[RunDir], out_dir: Path) -> tuple[str, Path]:
+    """Several runs side by side: (text table, path of out_dir/compare.png)."""
+    if not runs:
+        raise UserError("compare needs at least one RUN_DIR")
+    for run in runs:
+        if not run.root.is_dir():
+            raise UserError(f"{run.root} does not exist; give the RUN_DIRs of existing runs")
+    summaries = [summarize_run(run, label) for run, label in zip(runs, _labels(runs))]
+    if not any(s.final or s.metrics for s in summaries):
+        raise UserError("nothing to compare: none of " + ", ".join(str(r.root) for r in runs)
+                        + " has an eval/final.json or training metrics yet; run `eopd-pipe run` (or train and "
+                        "`eopd-pipe eval RUN_DIR --model final`) first")
+    table = compare_table(summaries)
+
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10"].colors
+    fig, (ax_pass, ax_ent) = _figure(2)
+    max_k, any_pass, any_ent = 1, False, False
+    for i, s in enumerate(summaries):
+        color = colors[i % len(colors)]
+        if s.final:
+            ks, ps = pass_curve(s.final)
+            ax_pass.plot(ks, ps, marker="o", color=color, label=_legend(s))
+            max_k, any_pass = max(max_k, ks[-1]), True
+        if s.base:
+            ks, ps = pass_curve(s.base)
+            ax_pass.plot(ks, ps, linestyle="--", color=color, alpha=0.7, label=f"{s.label}: base")
+            max_k, any_pass = max(max_k, ks[-1]), True
+        records = [rec for r in sorted(s.metrics) for rec in s.metrics[r]]
+        xs, ys = _series(records, "student_entropy")
+        if xs:
+            ax_ent.plot(xs, ys, color=color, linewidth=1.2, label=_legend(s))
+            any_ent = True
+    _style_passk(ax_pass, max_k)
+    ax_pass.set_title("pass@k of the final student (dashed: base)" if any_pass else "no eval/final.json in these runs",
+                      fontsize=10)
+    if any_pass:
+        ax_pass.legend(fontsize=8)
+    ax_ent.set_title("student token entropy during training" if any_ent else "no training metrics in these runs",
+                     fontsize=10)
+    ax_ent.set_xlabel("global step")
+    ax_ent.set_ylabel("nats")
+    ax_ent.grid(alpha=0.3)
+    if any_ent:
+        ax_ent.legend(fontsize=8)
+    out_dir = Path(out_dir)
+    png = save_png(fig, out_dir / "compare.png")
+    atomic_write_text(out_dir / "compare.txt", table + "\n")
+    return table, png
