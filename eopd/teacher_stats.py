@@ -42,7 +42,7 @@ def token_stats_naive(logits: Tensor, target_ids: Tensor, k: int) -> TokenStats:
 
 @torch.no_grad()
 def chunked_token_stats(hidden: Tensor, lm_head_weight: Tensor, target_ids: Tensor, k: int,
-                        token_chunk: int = 512, vocab_chunk: int | None = None,
+                        token_chunk: int = 1024, vocab_chunk: int | None = None,
                         lm_head_bias: Tensor | None = None) -> TokenStats:
     """Teacher statistics for logits z = hidden @ W^T (+ b), exact over the full vocabulary.
 
