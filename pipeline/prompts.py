@@ -27,6 +27,7 @@ def load_prompt_dataset(cfg: PromptsConfig):  # -> datasets.Dataset
     """A local file/directory or a hub dataset name, as a `datasets.Dataset` of the configured split."""
     import datasets
 
+    datasets.disable_progress_bars()  # prompt files load in seconds; keep stderr for messages
     path = Path(cfg.path)
     try:
         if path.is_file():

@@ -15,8 +15,8 @@ from pipeline.work import ShardResult, run_shards
 def assert_refused(res, *fragments: str) -> None:
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert "Traceback" not in res.stderr
-    err = res.stderr.strip()
-    assert err.startswith("error: "), err
+    err = res.stderr[res.stderr.find("error: "):]  # the message is the last thing printed
+    assert "error: " in res.stderr and err.count("error: ") == 1, res.stderr
     for f in fragments:
         assert f in err, (f, err)
 
