@@ -37,7 +37,7 @@ def topk_jaccard_distance(prev_ids: Tensor, cur_ids: Tensor) -> float:
 
 
 @torch.no_grad()
-def student_topk_ids(hidden: Tensor, lm_head_weight: Tensor, k: int = 10, chunk_size: int = 1024) -> Tensor:
+def student_topk_ids(hidden: Tensor, lm_head_weight: Tensor, k: int = 10, chunk_size: int = 512) -> Tensor:
     """Top-k token ids [N, k] of the student's logits h W^T at each of N positions, computed in
     chunks of tokens so that no [N, V] tensor exists (for the top-10 change rate on a fixed probe
     batch between steps)."""

@@ -99,7 +99,7 @@ class TrainConfig(Section):
     batch_rows: int = Field(32, ge=1, description="responses per optimiser step")
     micro_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward/backward (gradient accumulation)")
     epochs: int = Field(1, ge=1, description="passes over the round's responses")
-    loss_chunk: int = Field(1024, ge=1, description="tokens per chunk of the memory-lean LM-head loss")
+    loss_chunk: int = Field(512, ge=1, description="tokens per chunk of the memory-lean LM-head loss (bench/train_loss.py: 512 at V=151,936)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(50, ge=1, description="optimiser steps between checkpoints (also on SIGTERM)")
