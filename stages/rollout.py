@@ -108,8 +108,10 @@ def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec |
         llm = make_llm(policy, cfg.rollout.vllm, seed=derive_seed(cfg.seed, STAGE, round_index))
         return lambda i: sample_shard(llm, prompts, shards[i], cfg, round_index)
 
-    plan = {"prompts": prompts.num_rows, "rows_per_shard": [len(s) for s in shards], "policy": str(policy)}
-    meta = {"stage": STAGE, "round": str(round_index), "policy": str(policy), "n": str(cfg.rollout.n)}
+    # Inside the run dir the policy is named relative to it: shards do not depend on where the run lives.
+    label = str(policy.resolve().relative_to(run.root)) if policy.resolve().is_relative_to(run.root) else str(policy)
+    plan = {"prompts": prompts.num_rows, "rows_per_shard": [len(s) for s in shards], "policy": label}
+    meta = {"stage": STAGE, "round": str(round_index), "policy": label, "n": str(cfg.rollout.n)}
     return run_shards(run.stage_dir(round_index, STAGE), len(shards), plan, open_worker, meta, worker,
                       desc=f"rollout round {round_index}")
 
