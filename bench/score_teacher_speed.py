@@ -73,6 +73,7 @@ def main() -> None:
     from pipeline.config import validate
     from pipeline.rundir import RunDir
     from pipeline.shards import iter_stage
+    from pipeline.models import pad_right
     from stages.score_teacher import length_sorted_batches, load_teacher, run_score_teacher
 
     work = Path(tempfile.mkdtemp(prefix="bench-score-"))
@@ -91,12 +92,7 @@ def main() -> None:
     def bare() -> float:
         t0 = time.perf_counter()
         for batch in length_sorted_batches([len(s) for s in seqs], args.token_budget):
-            width = len(seqs[batch[0]])
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
-                mask[r, : len(seqs[i])] = 1
+            ids, mask = pad_right([seqs[i] for i in batch])
             model(input_ids=ids, attention_mask=mask).logits
         return time.perf_counter() - t0
 

@@ -22,6 +22,20 @@ def check_model_dir(path: str | Path, what: str) -> Path:
     return p
 
 
+def pad_right(seqs) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Token sequences -> (input_ids, attention_mask), both [batch, longest], padded on the right
+    (positions then count from 0 in every row, as the models expect without position ids)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[r, : len(s)] = 1
+    return ids, mask
+
+
 def load_tokenizer(path: str | Path, what: str = "student"):
     from transformers import AutoTokenizer
 

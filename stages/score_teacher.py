@@ -24,7 +24,7 @@ from eopd.teacher_stats import chunked_token_stats
 from pipeline.codec import DEFAULT_CODEC, get_codec
 from pipeline.config import Config, ScoreTeacherConfig
 from pipeline.errors import UserError
-from pipeline.models import check_model_dir, check_same_vocabulary, load_tokenizer
+from pipeline.models import check_model_dir, check_same_vocabulary, load_tokenizer, pad_right
 from pipeline.prompts import tokenizer_fingerprint
 from pipeline.rundir import RunDir, freeze_config
 from pipeline.shards import read_shard, require_complete, verify_stage
@@ -91,12 +91,7 @@ def score_rows(model, prompts: list[list[int]], responses: list[list[int]], cfg:
     results: list = [None] * len(seqs)
     engine_seconds = 0.0
     for batch in length_sorted_batches([len(s) for s in seqs], cfg.token_budget):
-        width = len(seqs[batch[0]])
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
-            mask[row, : len(seqs[i])] = 1
+        ids, mask = pad_right([seqs[i] for i in batch])
         t0 = time.perf_counter()
         hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         # Position j predicts token j+1: response token t (at P+t) is predicted at P+t-1.

@@ -30,7 +30,7 @@ from eopd.losses import ObjectiveConfig, chunked_objective, entropy_gate
 from eopd.metrics import merge_stats, student_topk_ids, summarize_stats, topk_jaccard_distance
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import Preempted, UserError
-from pipeline.models import check_model_dir, load_tokenizer
+from pipeline.models import check_model_dir, load_tokenizer, pad_right
 from pipeline.rundir import RunDir, atomic_write_text, freeze_config
 from pipeline.signals import PREEMPTION
 from pipeline.teacher_data import TeacherRows, load_teacher_rows
@@ -109,12 +109,7 @@ def pack_micro_batches(rows: TeacherRows, idx: list[int], budget: int) -> list[l
 def response_hidden(model, rows: TeacherRows, batch: list[int], device: torch.device) -> torch.Tensor:
     """Final hidden states [n_tokens, H] at the positions that predict each response token."""
     seqs = [np.concatenate([rows.prompt_ids[i], rows.response_ids[rows.offsets[i]:rows.offsets[i + 1]].numpy()]) for i in batch]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.from_numpy(s)
-        mask[r, : len(s)] = 1
+    ids, mask = pad_right(seqs)
     hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
     picks = []
     for r, i in enumerate(batch):
