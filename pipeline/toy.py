@@ -57,19 +57,20 @@ MARKER = "toy.json"
 FORMAT_VERSION = 1
 
 # Head dim 32 throughout: vLLM's CPU attention backend rejects 16.
-TEACHER_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+TEACHER_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=32)
 STUDENT_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=32)
 MAX_POSITIONS = 256  # longest prompt + response is about 60 tokens
+MIN_TERMS, MAX_TERMS, MAX_VALUE = 3, 6, 9  # the default problem distribution
 
 
 # ---------------------------------------------------------------------------------------------
 # The task
 
 
-def make_problems(n: int, seed: int, *, min_terms: int = 3, max_terms: int = 6, max_value: int = 9,
-                  exclude: Sequence[str] = ()) -> list[dict[str, str]]:
+def make_problems(n: int, seed: int, *, min_terms: int = MIN_TERMS, max_terms: int = MAX_TERMS,
+                  max_value: int = MAX_VALUE, exclude: Sequence[str] = ()) -> list[dict[str, str]]:
     """`n` distinct problems {id, prompt, answer}: sum `min_terms..max_terms` distinct numbers from
     1..max_value (max_value <= 9 keeps every number one token). Prompts in `exclude` are skipped,
     which is how held-out sets are made."""
@@ -227,33 +228,47 @@ def sft_batch(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tupl
     return ids, labels
 
 
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, steps: int, gen: torch.Generator,
+                           group: int = 16) -> list[list[int]]:
+    """`steps` batches of indices from seeded permutations (epoch after epoch). Each run of
+    `group` batches is sorted by length before it is cut, then the run's batches are shuffled:
+    batches of similar lengths waste little on padding (about 25% of the tokens here)."""
+    if len(lengths) < batch_size:
+        raise ValueError(f"need at least batch_size={batch_size} examples, got {len(lengths)}")
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        perm = torch.randperm(len(lengths), generator=gen).tolist()
+        for start in range(0, len(perm) - batch_size + 1, batch_size * group):
+            run = sorted(perm[start:start + batch_size * group], key=lengths.__getitem__)
+            run_batches = [run[i:i + batch_size] for i in range(0, len(run) - batch_size + 1, batch_size)]
+            batches += [run_batches[j] for j in torch.randperm(len(run_batches), generator=gen).tolist()]
+    return batches[:steps]
+
+
 def sft(model, tokenizer, texts: Sequence[tuple[str, str]], steps: int, batch_size: int, lr: float, seed: int,
         *, desc: str = "sft", progress: bool = True) -> list[float]:
     """Supervised fine-tuning on (prompt, completion) pairs; the loss covers completion tokens
     and EOS only. AdamW, 5% warm-up then cosine decay to lr/10, gradient clipping at 1.
-    Batches walk seeded permutations of `texts`, so a run is deterministic on CPU for a seed.
-    Returns the per-step losses."""
+    Batches come from seeded permutations of `texts` (grouped by length), so a run is
+    deterministic on CPU for a seed. Returns the per-step losses."""
     data = encode_pairs(tokenizer, texts)
     gen = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(len(data), generator=gen).tolist(), 0
+    batches = length_grouped_batches([len(p) + len(c) for p, c in data], batch_size, steps, gen)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
 
     def lr_factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress_ = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
+        done = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     model.train()
     losses: list[float] = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2)
-    for _ in bar:
-        if cursor + batch_size > len(order):
-            order, cursor = torch.randperm(len(data), generator=gen).tolist(), 0
-        ids, labels = sft_batch([data[i] for i in order[cursor:cursor + batch_size]], tokenizer.pad_token_id)
-        cursor += batch_size
+    bar = tqdm(batches, desc=desc, disable=not progress, mininterval=2)
+    for batch in bar:
+        ids, labels = sft_batch([data[i] for i in batch], tokenizer.pad_token_id)
         # Right padding under a causal mask never influences the real tokens: no attention mask needed.
         logits = model(input_ids=ids).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -275,7 +290,7 @@ def sft_pairs(n: int, seed: int, exclude: Sequence[str] = ()) -> list[tuple[str,
     per prompt (it would be certain where it should be uncertain)."""
     rng, banned, pairs = random.Random(seed), set(exclude), []
     while len(pairs) < n:
-        nums = rng.sample(range(1, 10), rng.randint(3, 6))
+        nums = rng.sample(range(1, MAX_VALUE + 1), rng.randint(MIN_TERMS, MAX_TERMS))
         prompt = prompt_of(nums)
         if prompt not in banned:
             pairs.append((prompt, solution_text({"prompt": prompt}, rng)))
@@ -360,36 +375,35 @@ def choice_positions(tokenizer, response_ids: list[int], n_numbers: int) -> dict
 def evaluate_toy(teacher, student, tokenizer, problems: Sequence[dict[str, str]], *, seed: int = 0,
                  max_new_tokens: int = 64) -> dict[str, Any]:
     """Greedy and temperature-1 exact-answer accuracy of both models, the strict step validity
-    of teacher samples, and the teacher's entropy on its own samples: the share of response
-    tokens above the 0.8-nat gate and the mean entropy at choice tokens by #remaining numbers."""
+    of teacher samples, and the teacher's entropy: the share of response tokens above the
+    0.8-nat gate on its own samples and on the student's (what round 0 of EOPD gates), and
+    the mean entropy at the choice tokens by how many numbers were left to choose from."""
     prompts = [p["prompt"] for p in problems]
     answers = [p["answer"] for p in problems]
     res: dict[str, Any] = {"problems": len(problems)}
-    samples = {}
+    sampled: dict[str, list[list[int]]] = {}  # temperature-1 responses of each model
     for name, model in (("teacher", teacher), ("student", student)):
         for mode, temp in (("greedy", 0.0), ("sampled", 1.0)):
             ids = generate(model, tokenizer, prompts, temperature=temp, seed=seed, max_new_tokens=max_new_tokens)
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-            res[f"{name}_{mode}_acc"] = sum(map(verify, texts, answers)) / len(problems)
-            samples[name, mode] = (ids, texts)
-    ids, texts = samples["teacher", "sampled"]
-    res["teacher_sampled_steps_valid"] = sum(map(steps_valid, texts, prompts)) / len(problems)
-    res["teacher_sampled_distinct_solutions"] = len(set(texts)) / len(problems)
+            res[f"{name}_{mode}_acc"] = round(sum(map(verify, texts, answers)) / len(problems), 4)
+            if mode == "sampled":
+                sampled[name] = ids
+                res[f"{name}_sampled_steps_valid"] = round(sum(map(steps_valid, texts, prompts)) / len(problems), 4)
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    ents = response_entropies(teacher, prompt_ids, ids)
-    flat = torch.cat(ents)
-    res["response_tokens"] = int(flat.numel())
-    res["teacher_high_entropy_frac"] = float((flat > ENTROPY_TAU).float().mean())
+    ents = {name: response_entropies(teacher, prompt_ids, ids) for name, ids in sampled.items()}
+    for name, e in ents.items():
+        res[f"teacher_high_entropy_frac_on_{name}_samples"] = round(float((torch.cat(e) > ENTROPY_TAU).float().mean()), 4)
     by_k: dict[int, list[float]] = {}
     other: list[float] = []
-    for r, e, p in zip(ids, ents, prompts):
+    for r, e, p in zip(sampled["teacher"], ents["teacher"], prompts):
         choice = choice_positions(tokenizer, r, len(numbers_of(p)))
         for j, h in enumerate(e.tolist()):
             (by_k.setdefault(choice[j], []) if j in choice else other).append(h)
-    res["teacher_choice_entropy"] = {f"{k} left (ln={math.log(k):.2f})": round(sum(v) / len(v), 3)
+    res["teacher_choice_entropy"] = {f"{k} left (ln {k} = {math.log(k):.2f})": round(sum(v) / len(v), 3)
                                      for k, v in sorted(by_k.items(), reverse=True)}
-    res["teacher_other_entropy_mean"] = sum(other) / max(1, len(other))
-    res["teacher_other_above_tau_frac"] = sum(h > ENTROPY_TAU for h in other) / max(1, len(other))
+    res["teacher_other_entropy_mean"] = round(sum(other) / max(1, len(other)), 4)
+    res["teacher_other_above_tau_frac"] = round(sum(h > ENTROPY_TAU for h in other) / max(1, len(other)), 4)
     return res
 
 
@@ -415,8 +429,8 @@ class ToyAssets:
 
 
 # The demo's training budget: about 3 minutes for the teacher on 2 cores, seconds for the student.
-DEMO = dict(teacher_steps=2500, teacher_lr=3e-3, student_steps=300, student_lr=3e-3, batch_size=64)
-QUICK = dict(teacher_steps=20, teacher_lr=3e-3, student_steps=20, student_lr=3e-3, batch_size=32)
+DEMO = dict(teacher_steps=800, teacher_lr=3e-3, student_steps=300, student_lr=3e-3, batch_size=64)
+QUICK = dict(teacher_steps=8, teacher_lr=3e-3, student_steps=8, student_lr=3e-3, batch_size=16)
 
 
 def make_toy(out_dir: str | Path, *, seed: int = 0, quick: bool = False, n_train: int = 1024, n_eval: int = 256,
