@@ -6,8 +6,8 @@ The task, "sum in any order":
     response    7+9=16 16+3=19 19+5=24 #24<|endoftext|>
 
 The response adds the numbers one at a time, in ANY order, writing every running sum, and ends
-with `#` and the total. The numbers are distinct digits 1..9 (each one token), so at each step
-every remaining number is an equally good next choice. A teacher trained on uniformly random
+with `#` and the total. The numbers (3 to 5 of them) are distinct digits 1..9, each one token, so
+at each step every remaining number is an equally good next choice. A teacher trained on uniformly random
 orders is therefore genuinely uncertain at the choice tokens (entropy ~ ln(#remaining) nats:
 ln 3 = 1.10 and above pass EOPD's 0.8-nat gate, ln 2 = 0.69 does not) and certain everywhere
 else (copying, arithmetic, format). That is exactly the situation the entropy gate is for.
@@ -54,7 +54,7 @@ QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 ENTROPY_TAU = 0.8  # the paper's gate, nats
 MARKER = "toy.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump when the task, tokenizer or model shapes change: old dirs are then refused
 
 # Head dim 32 throughout: vLLM's CPU attention backend rejects 16.
 TEACHER_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -62,7 +62,9 @@ TEACHER_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4
 STUDENT_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=1, head_dim=32)
 MAX_POSITIONS = 256  # longest prompt + response is about 60 tokens
-MIN_TERMS, MAX_TERMS, MAX_VALUE = 3, 6, 9  # the default problem distribution
+# The problem distribution. Up to 5 numbers: with 6 the teacher needs ~40% more CPU time to
+# learn which numbers are still unused (its last skill to appear) before reaching 80%.
+MIN_TERMS, MAX_TERMS, MAX_VALUE = 3, 5, 9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,20 +230,15 @@ def sft_batch(batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tupl
     return ids, labels
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, steps: int, gen: torch.Generator,
-                           group: int = 16) -> list[list[int]]:
-    """`steps` batches of indices from seeded permutations (epoch after epoch). Each run of
-    `group` batches is sorted by length before it is cut, then the run's batches are shuffled:
-    batches of similar lengths waste little on padding (about 25% of the tokens here)."""
-    if len(lengths) < batch_size:
-        raise ValueError(f"need at least batch_size={batch_size} examples, got {len(lengths)}")
+def shuffled_batches(n: int, batch_size: int, steps: int, gen: torch.Generator) -> list[list[int]]:
+    """`steps` batches of indices into n examples: seeded permutations, epoch after epoch.
+    (Grouping batches by length would save ~25% of padding, but measurably slowed learning.)"""
+    if n < batch_size:
+        raise ValueError(f"need at least batch_size={batch_size} examples, got {n}")
     batches: list[list[int]] = []
     while len(batches) < steps:
-        perm = torch.randperm(len(lengths), generator=gen).tolist()
-        for start in range(0, len(perm) - batch_size + 1, batch_size * group):
-            run = sorted(perm[start:start + batch_size * group], key=lengths.__getitem__)
-            run_batches = [run[i:i + batch_size] for i in range(0, len(run) - batch_size + 1, batch_size)]
-            batches += [run_batches[j] for j in torch.randperm(len(run_batches), generator=gen).tolist()]
+        perm = torch.randperm(n, generator=gen).tolist()
+        batches += [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
     return batches[:steps]
 
 
@@ -249,11 +246,10 @@ def sft(model, tokenizer, texts: Sequence[tuple[str, str]], steps: int, batch_si
         *, desc: str = "sft", progress: bool = True) -> list[float]:
     """Supervised fine-tuning on (prompt, completion) pairs; the loss covers completion tokens
     and EOS only. AdamW, 5% warm-up then cosine decay to lr/10, gradient clipping at 1.
-    Batches come from seeded permutations of `texts` (grouped by length), so a run is
-    deterministic on CPU for a seed. Returns the per-step losses."""
+    Batches come from seeded permutations of `texts`, so a run is deterministic on CPU for a seed. Returns the per-step losses."""
     data = encode_pairs(tokenizer, texts)
     gen = torch.Generator().manual_seed(seed)
-    batches = length_grouped_batches([len(p) + len(c) for p, c in data], batch_size, steps, gen)
+    batches = shuffled_batches(len(data), batch_size, steps, gen)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
 
@@ -428,8 +424,9 @@ class ToyAssets:
                    root / "eval_prompts.jsonl", info or {})
 
 
-# The demo's training budget: about 3 minutes for the teacher on 2 cores, seconds for the student.
-DEMO = dict(teacher_steps=800, teacher_lr=3e-3, student_steps=300, student_lr=3e-3, batch_size=64)
+# Training budgets. DEMO, measured on 2 idle cores: teacher 3 min (~90% greedy on held-out
+# problems), student 30 s (~20%); see bench/RESULTS.md. QUICK: a few seconds.
+DEMO = dict(teacher_steps=800, teacher_lr=3e-3, student_steps=400, student_lr=3e-3, batch_size=64)
 QUICK = dict(teacher_steps=8, teacher_lr=3e-3, student_steps=8, student_lr=3e-3, batch_size=16)
 
 
@@ -449,7 +446,8 @@ def make_toy(out_dir: str | Path, *, seed: int = 0, quick: bool = False, n_train
     Atomic and idempotent: built in a temporary directory beside `out_dir` and renamed into
     place when complete, so `out_dir` is either absent or complete. A complete `out_dir` built
     with the same settings is returned at once; one built with others is refused.
-    Deterministic for a seed (same bytes on the same machine and library versions).
+    Deterministic for a seed: the same model, tokenizer and prompt bytes on the same machine
+    and library versions (toy.json also records timings).
     """
     out = Path(out_dir).resolve()
     budget = {**(QUICK if quick else DEMO)}
@@ -512,7 +510,7 @@ def _alive(pid: int) -> bool:
 
 def _build(root: Path, settings: dict[str, Any], progress: bool) -> dict[str, Any]:
     t0 = time.time()
-    seed, s = settings["seed"], settings
+    s, seed = settings, settings["seed"]
     root.mkdir(parents=True)
     # Prompt files first: the eval prompts are then excluded from every SFT set.
     problems = make_problems(s["n_train"] + s["n_eval"], seed)
@@ -522,7 +520,7 @@ def _build(root: Path, settings: dict[str, Any], progress: bool) -> dict[str, An
     banned = [p["prompt"] for p in held_out]
 
     tokenizer = train_tokenizer([t for pair in sft_pairs(2000, seed + 1) for t in pair])
-    timings = {}
+    stats: dict[str, Any] = {}
     for name, shape, offset in (("teacher", TEACHER_SHAPE, 2), ("student", STUDENT_SHAPE, 3)):
         steps, bs = s[f"{name}_steps"], s["batch_size"]
         t = time.time()
@@ -532,10 +530,10 @@ def _build(root: Path, settings: dict[str, Any], progress: bool) -> dict[str, An
                      progress=progress)
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
-        timings[f"{name}_sft_s"] = round(time.time() - t, 1)
-        timings[f"{name}_final_loss"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
-        timings[f"{name}_params"] = sum(p.numel() for p in model.parameters())
-    info: dict[str, Any] = {"settings": settings, "vocab_size": len(tokenizer), **timings}
+        stats[f"{name}_sft_s"] = round(time.time() - t, 1)
+        stats[f"{name}_final_loss"] = round(sum(losses[-20:]) / len(losses[-20:]), 4)
+        stats[f"{name}_params"] = sum(p.numel() for p in model.parameters())
+    info: dict[str, Any] = {"settings": settings, "vocab_size": len(tokenizer), **stats}
     if not settings["quick"]:
         from transformers import AutoModelForCausalLM
 

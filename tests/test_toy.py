@@ -55,7 +55,8 @@ def test_problems_and_solutions():
     for r in rows:
         assert set(r) == {"id", "prompt", "answer"}
         nums = toymod.numbers_of(r["prompt"])
-        assert 3 <= len(nums) <= 6 and len(set(nums)) == len(nums) and all(1 <= x <= 9 for x in nums)
+        assert toymod.MIN_TERMS <= len(nums) <= toymod.MAX_TERMS and len(set(nums)) == len(nums)
+        assert all(1 <= x <= toymod.MAX_VALUE for x in nums)
         assert r["answer"] == str(sum(nums))
     held = toymod.make_problems(50, seed=5, exclude=[r["prompt"] for r in rows])
     assert not {r["prompt"] for r in held} & {r["prompt"] for r in rows}
@@ -149,7 +150,7 @@ def test_generate_batched_equals_one_by_one(toy):
 
     tok = AutoTokenizer.from_pretrained(toy.teacher)
     model = AutoModelForCausalLM.from_pretrained(toy.teacher)
-    prompts = ["add 1 2 3 =", "add 9 8 7 6 5 4 =", "add 4 5 6 7 ="]
+    prompts = ["add 1 2 3 =", "add 9 8 7 6 5 =", "add 4 5 6 7 ="]
     batched = toymod.generate(model, tok, prompts, max_new_tokens=16)
     assert batched == [toymod.generate(model, tok, [p], max_new_tokens=16)[0] for p in prompts]
     # Greedy == argmax over a full (uncached) forward at every step.
@@ -233,7 +234,7 @@ if __name__ == "__main__":
     llm = LLM(model=model, seed=0, dtype="float32", enforce_eager=True, max_model_len=128,
               distributed_executor_backend="uni", enable_prefix_caching=False)
     t2 = time.time()
-    prompts = ["add 7 3 9 5 =", "add 1 2 3 =", "add 9 8 7 6 5 4 ="]
+    prompts = ["add 7 3 9 5 =", "add 1 2 3 =", "add 9 8 7 6 5 ="]
     params = SamplingParams(n=2, temperature=1.0, max_tokens=24, logprobs=0, seed=123)
     outs = llm.generate(prompts, params, use_tqdm=False)
     t3 = time.time()
@@ -275,4 +276,4 @@ def test_vllm_loads_the_student_and_samples_with_logprobs(toy, tmp_path):
         n = len(row["prompt_ids"])
         hf = logp[n - 1:-1].gather(1, torch.tensor(row["ids"])[:, None])[:, 0]
         diff = (hf - torch.tensor(row["logprobs"])).abs().max().item()
-        assert diff < 2e-3, (diff, hf, row["logprobs"])
+        assert diff < 1e-3, (diff, hf, row["logprobs"])  # measured 4e-5 in fp32; bf16 is off by up to 0.5
