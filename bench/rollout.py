@@ -3,8 +3,8 @@
 Both sides use ONE loaded vllm.LLM (model load excluded from both), the same prompts and the same
 per-request SamplingParams (seeds included), so the ratio isolates what eopd-pipe adds: splitting
 prompts into shards (smaller generate calls), building Arrow tables, zstd Parquet writes, fsync,
-sha256, manifest updates and file locks. Runs alternate (bare, stage, bare, stage, ...) and the
-median of the per-pair ratios is reported. Target: stage >= 0.9x bare.
+sha256, manifest updates and file locks. Runs alternate (bare, stage with overlapped shards, stage
+without) and the median of the per-repeat ratios is reported. Target: stage >= 0.9x bare.
 
     python bench/rollout.py [--model DIR] [--prompts 256] [--n 4] [--max-tokens 64] [--repeats 3]
 """
@@ -38,7 +38,7 @@ def main() -> None:
     from pipeline.prompts import tokenized_prompts
     from pipeline.toy import make_toy
     from pipeline.work import derive_seed, run_shards
-    from stages.rollout import STAGE, plan_shards, sample_shard
+    from stages.rollout import STAGE, plan_shards, rollout_worker, shard_requests
 
     work = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     toy = make_toy(work / "toy", quick=True, progress=False)
@@ -54,43 +54,43 @@ def main() -> None:
     llm = make_llm(model, cfg.rollout.vllm, seed=derive_seed(cfg.seed, STAGE, 0))
 
     def bare() -> tuple[int, float]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        r = cfg.rollout
-        reqs, params = [], []
-        for pid, toks in zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt_token_ids").to_pylist()):
-            for s in range(r.n):
-                reqs.append(TokensPrompt(prompt_token_ids=toks))
-                params.append(SamplingParams(n=1, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                             max_tokens=r.max_tokens, logprobs=0, seed=derive_seed(cfg.seed, STAGE, 0, pid, s)))
+        reqs, params = shard_requests(prompts, list(range(prompts.num_rows)), cfg, 0)
         t0 = time.perf_counter()
         outs = llm.generate(reqs, params, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outs), time.perf_counter() - t0
 
-    def stage(k: int) -> tuple[int, float]:
-        stage_dir = work / f"stage-{k}"
+    def stage(k: int, overlap: bool) -> tuple[int, float, float]:
+        stage_dir = work / f"stage-{k}-{overlap}"
+        c = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"overlap_shards": overlap})})
         t0 = time.perf_counter()
-        s = run_shards(stage_dir, len(shards), {"bench": k}, lambda: (lambda i: sample_shard(llm, prompts, shards[i], cfg, 0)),
-                       {"stage": STAGE}, desc="stage")
+        s = run_shards(stage_dir, len(shards), {"bench": k}, lambda: rollout_worker(llm, prompts, shards, c, 0),
+                       {"stage": STAGE}, desc=f"stage overlap={overlap}")
         elapsed = time.perf_counter() - t0
         shutil.rmtree(stage_dir)
-        return s.tokens, elapsed
+        return s.tokens, elapsed, s.engine_seconds
 
     bare()  # warm-up (first-call allocations)
-    ratios, rows = [], []
+    ratios: dict[bool, list[float]] = {True: [], False: []}
+    rows = []
     for k in range(args.repeats):
         bt, bs = bare()
-        st, ss = stage(k)
-        assert bt == st, f"both sides must generate the same tokens ({bt} vs {st})"
-        ratios.append((st / ss) / (bt / bs))
-        rows.append((bt / bs, st / ss, ratios[-1]))
+        row = [bt / bs, bs]
+        for overlap in (True, False):
+            st, ss, es = stage(k, overlap)
+            assert bt == st, f"both sides must generate the same tokens ({bt} vs {st})"
+            ratios[overlap].append((st / ss) / (bt / bs))
+            row += [st / ss, ss, es, ratios[overlap][-1]]
+        rows.append(row)
     print(f"model {model}; {args.prompts} prompts x n={args.n}, max_tokens {args.max_tokens}, "
           f"{len(shards)} shards of {args.prompts_per_shard} prompts; {bt} generated tokens per run")
-    print(f"{'repeat':>6} {'bare tok/s':>11} {'eopd-pipe tok/s':>16} {'ratio':>6}")
-    for i, (b, s, r) in enumerate(rows):
-        print(f"{i:>6} {b:>11,.0f} {s:>16,.0f} {r:>6.3f}")
-    print(f"median ratio eopd-pipe / bare vLLM: {statistics.median(ratios):.3f} (target >= 0.9)")
+    print("overlap: the next shard's requests queued before the current one is finished (the default);"
+          " no overlap: one engine run per shard. 'engine s': inside vLLM.")
+    head = ["bare tok/s", "bare s"] + [f"{m} {x}" for m in ("overlap", "no-overlap") for x in ("tok/s", "s", "engine s", "ratio")]
+    print("repeat " + " ".join(f"{h:>18}" for h in head))
+    for i, row in enumerate(rows):
+        print(f"{i:>6} " + " ".join(f"{v:>18,.2f}" for v in row))
+    for overlap, name in ((True, "overlap (default)"), (False, "no overlap")):
+        print(f"median ratio eopd-pipe {name} / bare vLLM: {statistics.median(ratios[overlap]):.3f} (target >= 0.9)")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -64,6 +64,11 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(-1, description="-1: whole vocabulary")
     prompts_per_shard: int = Field(64, ge=1)
+    # Queue the next shard's requests before finishing the current one (vLLM keeps its batch full
+    # across shard boundaries). Rows stay identical after a resume when the engine's numerics do
+    # not depend on batch composition (checked on CPU fp32; on GPU set VLLM_BATCH_INVARIANT=1, or
+    # set this false: every shard then runs alone, in the same batches on every attempt).
+    overlap_shards: bool = True
     vllm: VllmConfig = VllmConfig()
 
 

@@ -74,6 +74,44 @@ def make_llm(model_path: str | Path, vllm_cfg, seed: int):
     )
 
 
+class GenerationQueue:
+    """Groups of requests on one `vllm.LLM` engine, finished one group at a time.
+
+    `add(key, prompts, params)` queues a group and returns at once; `wait(key)` steps the engine
+    until every request of that group is finished and returns their outputs in order. Groups added
+    before the wait keep running in the same batches meanwhile, so a caller that adds group i+1
+    before waiting for group i never lets the batch drain between groups (one `LLM.generate` per
+    group would: its last requests run in an ever smaller batch).
+    """
+
+    def __init__(self, llm) -> None:
+        self.engine = llm.llm_engine
+        self.pending: dict[str, list[str]] = {}
+        self.finished: dict[str, object] = {}  # request id -> RequestOutput, until its group is collected
+
+    def add(self, key: str, prompts: list, params: list) -> None:
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = [f"{key}/{j}" for j in range(len(prompts))]
+        for request_id, prompt, p in zip(ids, prompts, params):
+            # As LLM.generate does: no per-step outputs (cumulative ones cost O(length^2) host time).
+            p.output_kind = RequestOutputKind.FINAL_ONLY
+            self.engine.add_request(request_id, prompt, p)
+        self.pending[key] = ids
+
+    def wait(self, key: str) -> list:
+        ids = self.pending.pop(key)
+        remaining = sum(r not in self.finished for r in ids)
+        while remaining:
+            if not self.engine.has_unfinished_requests():
+                raise RuntimeError(f"vLLM engine idle with {remaining} requests of {key!r} unanswered")
+            for out in self.engine.step():
+                if out.finished:
+                    self.finished[out.request_id] = out
+                    remaining -= out.request_id.rpartition("/")[0] == key
+        return [self.finished.pop(r) for r in ids]
+
+
 def _hub_snapshot(repo_id: str, what: str) -> Path:
     """'org/name' -> the local snapshot directory (downloaded unless HF_HUB_OFFLINE is set)."""
     from huggingface_hub import snapshot_download

@@ -95,19 +95,39 @@ class StageSummary:
 ShardFn = Callable[[int], ShardResult]
 
 
+@dataclass
+class ShardWorker:
+    """What run_shards drives once the model is loaded.
+
+    `finish(i)` computes shard i and returns its rows. An engine that works on many requests at
+    once (vLLM's continuous batching) also gives `start(i)`, which only queues shard i's work:
+    run_shards then claims the next shard and starts it before finishing the current one, so the
+    engine refills its batch from the next shard instead of draining at every shard boundary.
+    """
+    finish: ShardFn
+    start: Callable[[int], None] | None = None
+
+
+@dataclass
+class _Claim:
+    shard: int
+    lock: FileLock
+    adopt: bool  # the shard file is already in place (renamed, not recorded): record it, compute nothing
+
+
 def run_shards(
     stage_dir: Path,
     num_shards: int,
     plan: dict[str, Any],
-    open_worker: Callable[[], ShardFn],
+    open_worker: Callable[[], ShardFn | ShardWorker],
     file_metadata: dict[str, str],
     worker: WorkerSpec | None = None,
     desc: str = "shards",
 ) -> StageSummary:
     """Do every unfinished shard this process can claim.
 
-    `open_worker()` loads the model (slow) and returns the function that computes one shard; it
-    is called only if there is a shard to do, so a finished stage costs no model load.
+    `open_worker()` loads the model (slow) and returns the function that computes one shard (or a
+    ShardWorker); it is called only if there is a shard to do, so a finished stage costs no model load.
     """
     wall0 = time.perf_counter()
     stage_dir = Path(stage_dir)
@@ -122,11 +142,20 @@ def run_shards(
             recorded.discard(i)
     mine = [i for i in range(num_shards) if worker is None or worker.owns(i)]
     summary.done_before = [i for i in mine if i in recorded]
-    todo = [i for i in mine if i not in recorded]
+    todo = iter([i for i in mine if i not in recorded])
+    engine: ShardWorker | None = None
 
-    compute: ShardFn | None = None
-    bar = tqdm(total=len(mine), initial=len(summary.done_before), desc=desc, unit="shard", dynamic_ncols=True)
-    try:
+    def load() -> ShardWorker:
+        nonlocal engine
+        if engine is None:
+            t0 = time.perf_counter()
+            opened = open_worker()
+            engine = opened if isinstance(opened, ShardWorker) else ShardWorker(finish=opened)
+            summary.load_seconds = time.perf_counter() - t0
+        return engine
+
+    def claim_next() -> _Claim | None:
+        """Lock the next shard of `todo` that nobody else holds or has finished."""
         for i in todo:
             lock = FileLock(str(stage_dir / ".locks" / f"{shard_name(i)}.lock"))
             try:
@@ -134,22 +163,38 @@ def run_shards(
             except Timeout:
                 summary.busy_elsewhere.append(i)
                 continue
+            if i in manifest.done():  # finished by another worker since we listed the todo
+                lock.release()
+                continue
+            final = stage_dir / shard_name(i)
+            remove_stale_tmp(final)  # left by a killed predecessor
+            # Renamed only when complete: a predecessor died between rename and record.
+            claim = _Claim(i, lock, adopt=final.is_file())
+            if not claim.adopt and load().start is not None:
+                engine.start(i)
+            return claim
+        return None
+
+    claims: list[_Claim] = []  # claimed, in order; at most two when the engine can start ahead
+    bar = tqdm(total=len(mine), initial=len(summary.done_before), desc=desc, unit="shard", dynamic_ncols=True)
+    try:
+        while True:
+            if not claims and (c := claim_next()) is not None:
+                claims.append(c)
+            if not claims:
+                break
+            if len(claims) == 1 and not claims[0].adopt and engine.start is not None:
+                if (c := claim_next()) is not None:  # queued behind the current shard (see ShardWorker)
+                    claims.append(c)
+            claim = claims.pop(0)
+            i, final = claim.shard, stage_dir / shard_name(claim.shard)
             try:
-                if i in manifest.done():  # finished by another worker since we listed the todo
-                    continue
-                final = stage_dir / shard_name(i)
-                remove_stale_tmp(final)  # left by a killed predecessor
-                if final.is_file():
-                    # Renamed only when complete: a predecessor died between rename and record.
+                if claim.adopt:
                     table = pq.read_table(final)
                     result, info = None, ShardInfo(table.num_rows, final.stat().st_size, sha256_file(final))
                 else:
-                    if compute is None:
-                        t0 = time.perf_counter()
-                        compute = open_worker()
-                        summary.load_seconds = time.perf_counter() - t0
                     t0 = time.perf_counter()  # after the model load: tokens/s is the steady rate
-                    result = compute(i)  # a SIGTERM up to here abandons the shard: nothing is on disk yet
+                    result = engine.finish(i)  # a SIGTERM up to here abandons the shard: nothing is on disk yet
                     summary.seconds += time.perf_counter() - t0
                     summary.engine_seconds += result.engine_seconds
                     test_pause("shard_compute", i)
@@ -165,8 +210,10 @@ def run_shards(
                 if summary.seconds > 0:
                     bar.set_postfix(tok_s=f"{summary.tokens / summary.seconds:,.0f}")
             finally:
-                lock.release()
+                claim.lock.release()
     finally:
+        for c in claims:  # claimed ahead, not finished (an error or a SIGTERM): free for others
+            c.lock.release()
         bar.close()
     summary.complete = manifest.is_complete()
     summary.wall_seconds = time.perf_counter() - wall0

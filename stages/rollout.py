@@ -3,8 +3,9 @@
 Recipe:
   1. policy = base student (round 0) or round r-1's trained student
   2. prompts: tokenised once (cached in the run dir), the round's subset, split into shards
-  3. per shard: one vLLM generate call; every response has its own seed derived from
-     (run seed, round, prompt id, sample index), so rows do not depend on shard layout or restarts
+  3. per shard: its requests queued on the vLLM engine (the next shard's too, so the batch stays
+     full); every response has its own seed derived from (run seed, round, prompt id, sample
+     index), so rows do not depend on shard layout or restarts
   4. rows -> Parquet shard (atomic), manifest updated; a restart redoes only unfinished shards
 """
 
@@ -16,10 +17,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipeline.config import Config
-from pipeline.models import check_model_dir, load_tokenizer, make_llm
+from pipeline.models import GenerationQueue, check_model_dir, load_tokenizer, make_llm
 from pipeline.prompts import round_prompt_indices, save_prompt_cache, tokenized_prompts
 from pipeline.rundir import RunDir, freeze_config
-from pipeline.work import ShardResult, StageSummary, WorkerSpec, derive_seed, run_shards
+from pipeline.work import ShardResult, ShardWorker, StageSummary, WorkerSpec, derive_seed, run_shards
 
 STAGE = "rollouts"
 
@@ -46,16 +47,16 @@ def plan_shards(prompts: pa.Table, cfg: Config, round_index: int) -> list[list[i
     return [idx[s : s + per].tolist() for s in range(0, len(idx), per)]
 
 
-def sample_shard(llm, prompts: pa.Table, rows: list[int], cfg: Config, round_index: int) -> ShardResult:
+def shard_requests(prompts: pa.Table, rows: list[int], cfg: Config, round_index: int) -> tuple[list, list]:
+    """vLLM requests for one shard: n per prompt, each with its own seed derived from
+    (run seed, round, prompt id, sample index), so a row does not depend on the shard layout."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     r = cfg.rollout
     sub = prompts.take(rows)
-    prompt_ids = sub.column("prompt_id").to_pylist()
-    prompt_tokens = sub.column("prompt_token_ids").to_pylist()
-    requests, params, keys = [], [], []
-    for pid, toks in zip(prompt_ids, prompt_tokens):
+    requests, params = [], []
+    for pid, toks in zip(sub.column("prompt_id").to_pylist(), sub.column("prompt_token_ids").to_pylist()):
         for s in range(r.n):
             requests.append(TokensPrompt(prompt_token_ids=toks))
             params.append(SamplingParams(
@@ -63,33 +64,52 @@ def sample_shard(llm, prompts: pa.Table, rows: list[int], cfg: Config, round_ind
                 logprobs=0,  # the sampled token's log-prob under the policy: the behaviour log-prob q_old
                 seed=derive_seed(cfg.seed, STAGE, round_index, pid, s),
             ))
-            keys.append(s)
-    t0 = time.perf_counter()
-    outputs = llm.generate(requests, params, use_tqdm=False)
-    engine_seconds = time.perf_counter() - t0
+    return requests, params
 
+
+def shard_table(prompts: pa.Table, rows: list[int], outputs: list, cfg: Config, round_index: int) -> pa.Table:
+    """vLLM outputs (n per prompt, in request order) -> the shard's rows."""
+    n = cfg.rollout.n
+    sub = prompts.take(rows)
+    prompt_ids = sub.column("prompt_id").to_pylist()
+    prompt_tokens = sub.column("prompt_token_ids").to_pylist()
     cols: dict[str, list] = {k: [] for k in ("prompt_id", "sample_index", "prompt_token_ids", "response_token_ids",
                                              "response_logprobs", "finish_reason", "policy_round")}
-    take_rows: list[int] = []
-    tokens = 0
-    for j, (out, s) in enumerate(zip(outputs, keys)):
+    for j, out in enumerate(outputs):
         comp = out.outputs[0]
         ids = list(comp.token_ids)
-        lps = [step[t].logprob for step, t in zip(comp.logprobs, ids)]
-        cols["prompt_id"].append(prompt_ids[j // r.n])
-        cols["sample_index"].append(s)
-        cols["prompt_token_ids"].append(prompt_tokens[j // r.n])
+        cols["prompt_id"].append(prompt_ids[j // n])
+        cols["sample_index"].append(j % n)
+        cols["prompt_token_ids"].append(prompt_tokens[j // n])
         cols["response_token_ids"].append(ids)
-        cols["response_logprobs"].append(lps)
+        cols["response_logprobs"].append([step[t].logprob for step, t in zip(comp.logprobs, ids)])
         cols["finish_reason"].append(str(comp.finish_reason))
         cols["policy_round"].append(round_index)
-        take_rows.append(j // r.n)
-        tokens += len(ids)
-    extra = sub.drop_columns(["prompt_id", "prompt_token_ids"]).take(take_rows)
+    extra = sub.drop_columns(["prompt_id", "prompt_token_ids"]).take([j // n for j in range(len(outputs))])
     schema = rollout_schema(prompts.schema)
     arrays = [pa.array(cols[f.name], f.type) for f in schema if f.name in cols]
-    table = pa.Table.from_arrays(arrays + list(extra.columns), schema=schema)
-    return ShardResult(table, tokens, engine_seconds)
+    return pa.Table.from_arrays(arrays + list(extra.columns), schema=schema)
+
+
+def rollout_worker(llm, prompts: pa.Table, shards: list[list[int]], cfg: Config, round_index: int) -> ShardWorker:
+    """Shards through one vLLM engine; with `rollout.overlap_shards` the next shard's requests
+    are queued before the current shard is finished (see GenerationQueue)."""
+    queue = GenerationQueue(llm)
+
+    def start(i: int) -> None:
+        queue.add(str(i), *shard_requests(prompts, shards[i], cfg, round_index))
+
+    def finish(i: int) -> ShardResult:
+        if str(i) not in queue.pending:
+            start(i)
+        t0 = time.perf_counter()
+        outputs = queue.wait(str(i))
+        engine_seconds = time.perf_counter() - t0
+        table = shard_table(prompts, shards[i], outputs, cfg, round_index)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        return ShardResult(table, tokens, engine_seconds)
+
+    return ShardWorker(finish=finish, start=start if cfg.rollout.overlap_shards else None)
 
 
 def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec | None = None,
@@ -106,7 +126,7 @@ def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec |
 
     def open_worker():
         llm = make_llm(policy, cfg.rollout.vllm, seed=derive_seed(cfg.seed, STAGE, round_index))
-        return lambda i: sample_shard(llm, prompts, shards[i], cfg, round_index)
+        return rollout_worker(llm, prompts, shards, cfg, round_index)
 
     # Inside the run dir the policy is named relative to it: shards do not depend on where the run lives.
     label = str(policy.resolve().relative_to(run.root)) if policy.resolve().is_relative_to(run.root) else str(policy)

@@ -1,6 +1,8 @@
 """A sharded stage with a cheap deterministic shard function, run as a real process by test_runner.py.
 
 usage: python tests/fake_stage.py STAGE_DIR NUM_SHARDS [I/N]
+env: FAKE_SHARD_SECONDS (work per shard), FAKE_OVERLAP=1 (a ShardWorker that starts shards ahead,
+     like rollout's; every start/finish is printed as "EVENT start|finish I")
 """
 
 import os
@@ -12,19 +14,24 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.cli import handle_errors
-from pipeline.work import ShardResult, WorkerSpec, derive_seed, run_shards
+from pipeline.work import ShardResult, ShardWorker, WorkerSpec, derive_seed, run_shards
 
 
 @handle_errors
 def main(stage_dir: str, num_shards: str, worker: str | None = None) -> None:
     delay = float(os.environ.get("FAKE_SHARD_SECONDS", "0"))
 
+    overlap = os.environ.get("FAKE_OVERLAP") == "1"
+
     def open_worker():
         def compute(i: int) -> ShardResult:
+            print("EVENT finish", i, flush=True)
             time.sleep(delay)
             values = np.random.default_rng(derive_seed(1, "fake", i)).integers(0, 1000, size=200)
             return ShardResult(pa.table({"shard": pa.array([i] * 200, pa.int32()), "value": values}), tokens=200)
-        return compute
+        if not overlap:
+            return compute
+        return ShardWorker(finish=compute, start=lambda i: print("EVENT start", i, flush=True))
 
     s = run_shards(Path(stage_dir), int(num_shards), {"fake": True}, open_worker, {"stage": "fake"},
                    WorkerSpec.parse(worker), desc="fake")

@@ -23,12 +23,22 @@ def start(stage_dir: Path, *extra: str, env: dict | None = None) -> subprocess.P
     return spawn([sys.executable, SCRIPT, str(stage_dir), str(NUM_SHARDS), *extra], env)
 
 
+def done_now(out: str) -> list[int]:
+    return [int(x) for x in next(l for l in out.splitlines() if l.startswith("DONE_NOW")).split()[1:]]
+
+
+def events(out: str) -> list[tuple[str, int]]:
+    return [(l.split()[1], int(l.split()[2])) for l in out.splitlines() if l.startswith("EVENT")]
+
+
 def finish(stage_dir: Path, *extra: str, env: dict | None = None) -> list[int]:
     proc = start(stage_dir, *extra, env=env)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    line = next(l for l in out.splitlines() if l.startswith("DONE_NOW"))
-    return [int(x) for x in line.split()[1:]]
+    return done_now(out)
+
+
+OVERLAP = {"FAKE_OVERLAP": "1"}  # a worker that starts the next shard before finishing the current one
 
 
 def shard_digests(stage_dir: Path) -> dict[str, str]:
@@ -46,10 +56,11 @@ def reference(tmp_path_factory) -> dict[str, str]:
     return shard_digests(stage)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-at-a-time", "overlap"])
 @pytest.mark.parametrize("point", ["shard_compute", "shard_rename", "shard_record"])
-def test_kill9_then_resume_gives_identical_shards(tmp_path, reference, point):
+def test_kill9_then_resume_gives_identical_shards(tmp_path, reference, point, overlap):
     stage = tmp_path / "stage"
-    proc = start(stage, env={"EOPD_TEST_PAUSE": f"{point}:2"})
+    proc = start(stage, env={"EOPD_TEST_PAUSE": f"{point}:2", **(OVERLAP if overlap else {})})
     wait_for_line(proc, "EOPD_TEST_PAUSE reached")
     if point == "shard_rename":
         assert any(".tmp" in p.name for p in stage.iterdir()), "the half-written shard should exist at this point"
@@ -57,7 +68,7 @@ def test_kill9_then_resume_gives_identical_shards(tmp_path, reference, point):
     recorded = json.loads((stage / "manifest.json").read_text())["shards"]
     assert sorted(recorded) == ["part-00000.parquet", "part-00001.parquet"]
 
-    redone = finish(stage)
+    redone = finish(stage, env=OVERLAP if overlap else None)
     # Only the unfinished shards are done again (a shard renamed but not recorded is adopted, not recomputed).
     assert redone == [2, 3, 4, 5]
     assert shard_digests(stage) == reference
@@ -89,16 +100,32 @@ def test_sigterm_during_bookkeeping_finishes_the_shard_first(tmp_path, reference
     assert shard_digests(stage) == reference
 
 
-def test_two_workers_by_lock_files_do_every_shard_once(tmp_path, reference):
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-at-a-time", "overlap"])
+def test_two_workers_by_lock_files_do_every_shard_once(tmp_path, reference, overlap):
     stage = tmp_path / "stage"
-    env = {"FAKE_SHARD_SECONDS": "0.3"}
+    env = {"FAKE_SHARD_SECONDS": "0.3", **(OVERLAP if overlap else {})}
     procs = [start(stage, env=env) for _ in range(2)]
-    done = []
+    done, started = [], []
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
-        done.append([int(x) for x in next(l for l in out.splitlines() if l.startswith("DONE_NOW")).split()[1:]])
+        done.append(done_now(out))
+        started += [i for kind, i in events(out) if kind == "start"]
     assert sorted(done[0] + done[1]) == list(range(NUM_SHARDS))  # each exactly once
+    if overlap:  # a shard is started only by the worker that holds its claim
+        assert sorted(started) == list(range(NUM_SHARDS))
+    assert shard_digests(stage) == reference
+
+
+def test_overlap_starts_the_next_shard_before_finishing_the_current(tmp_path, reference):
+    stage = tmp_path / "stage"
+    proc = start(stage, env=OVERLAP)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    expected = [("start", 0), ("start", 1), ("finish", 0)]
+    for i in range(1, NUM_SHARDS - 1):
+        expected += [("start", i + 1), ("finish", i)]
+    assert events(out) == expected + [("finish", NUM_SHARDS - 1)]
     assert shard_digests(stage) == reference
 
 
