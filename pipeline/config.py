@@ -9,6 +9,7 @@ is parsed as YAML, so `--set rollout.n=8` is an int). The resolved config is fro
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import UserError
+
+
+class YamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads 1e-4 and 3E6 as floats (YAML 1.2; PyYAML's 1.1 rules
+    make them strings, and `--set train.lr=1e-4` would then be refused as "not a number")."""
+
+
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = REPO_ROOT / "configs"
@@ -181,7 +195,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
             raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set rollout.n=8")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise UserError(f"--set {item!r}: value is not valid YAML ({e})") from None
         node = out
@@ -210,7 +224,7 @@ def read_yaml(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise UserError(f"config file {path} is not valid YAML: {e}") from None
     if data is None:

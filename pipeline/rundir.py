@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Config, config_to_dict, diff_configs, validate
+from pipeline.config import Config, config_to_dict, diff_configs, load_yaml, validate
 from pipeline.errors import UserError
 
 STAGES = ("rollouts", "teacher")  # sharded stages, in order; train/student are directories of their own
@@ -82,7 +82,7 @@ def freeze_config(run: RunDir, cfg: Config, allow_change: bool = False) -> Confi
     """First use writes RUN_DIR/config.yaml; later uses must agree with it (or pass allow_change)."""
     new = config_to_dict(cfg)
     if run.config_path.exists():
-        frozen = validate(yaml.safe_load(run.config_path.read_text()) or {}, str(run.config_path))
+        frozen = validate(load_yaml(run.config_path.read_text()) or {}, str(run.config_path))
         old = config_to_dict(frozen)
         changes = diff_configs(old, new)
         if not changes:

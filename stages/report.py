@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from pipeline.config import load_yaml
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir, atomic_write_text
 from stages.eval import render_table
@@ -249,7 +250,7 @@ def summarize_run(run: RunDir, label: str) -> RunSummary:
         raise UserError(f"{run.root} has no config.yaml: not a run directory of eopd-pipe (give RUN_DIRs that "
                         f"`eopd-pipe run` or a stage has written)")
     try:
-        cfg = yaml.safe_load(run.config_path.read_text()) or {}
+        cfg = load_yaml(run.config_path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{run.config_path} is not valid YAML: {e}") from None
     evals = run_evals(run)

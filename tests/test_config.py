@@ -77,3 +77,12 @@ def test_frozen_config_conflict_is_refused_with_a_diff(tmp_path):
     freeze_config(run, changed, allow_change=True)
     assert load_config(run.config_path).rollout.n == 9
     assert len(list(run.root.glob("config.yaml.*"))) == 1  # the old one is kept
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as a string; users write it that way on the command line and in files.
+    assert parse_overrides(["train.lr=1e-4", "train.tau=8E-1", "rollout.n=4", "student.path=1e2x"]) == {
+        "train": {"lr": 1e-4, "tau": 0.8}, "rollout": {"n": 4}, "student": {"path": "1e2x"}}
+    path = tmp_path / "c.yaml"
+    path.write_text("student: {path: s}\nteacher: {path: t}\nprompts: {path: p.jsonl}\ntrain: {lr: 3e-6}\n")
+    assert load_config(path, ["train.max_grad_norm=2e0"]).train.lr == 3e-6
