@@ -238,7 +238,7 @@ def entropy_gate(teacher_entropy: Tensor, tau: float = 0.8, quantile: Optional[f
 
 
 STAT_KEYS = ("loss_sum", "rkl_sum", "fkl_sum", "fkl_gated_sum", "gated_tokens", "student_entropy_sum",
-             "teacher_entropy_sum", "clipped_tokens", "tokens")
+             "student_entropy_gated_sum", "teacher_entropy_sum", "clipped_tokens", "tokens")
 
 
 def token_objective(student_logits: Tensor, batch: TokenBatch, cfg: ObjectiveConfig,
@@ -248,7 +248,8 @@ def token_objective(student_logits: Tensor, batch: TokenBatch, cfg: ObjectiveCon
 
         loss_sum = sum L_t;  rkl_sum = sum RKL_t;  fkl_sum = sum FKL_t (all tokens, whatever the
         objective); fkl_gated_sum = sum g_t FKL_t;  gated_tokens = sum g_t;
-        student_entropy_sum = sum H(q_t) (full vocab);  teacher_entropy_sum = sum H(p_t);
+        student_entropy_sum = sum H(q_t) (full vocab);  student_entropy_gated_sum = sum g_t H(q_t);
+        teacher_entropy_sum = sum H(p_t);
         clipped_tokens = #tokens whose PPO clip is active;  tokens = n.
 
     gate [n] bool overrides the gate computed from this chunk (pass the whole batch's gate when
@@ -288,9 +289,11 @@ def token_objective(student_logits: Tensor, batch: TokenBatch, cfg: ObjectiveCon
         advantage = teacher_y - behaviour_y
         ratio = torch.exp(logq_y - behaviour_y)
         clipped = -ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * advantage > -ratio * advantage
+        student_entropy = entropy_from_logprobs(logq)
         stats = {
             "loss_sum": loss.sum(), "rkl_sum": rkl.sum(), "fkl_sum": fkl.sum(), "fkl_gated_sum": fkl_gated.sum(),
-            "gated_tokens": gate.sum().to(dtype), "student_entropy_sum": entropy_from_logprobs(logq).sum(),
+            "gated_tokens": gate.sum().to(dtype), "student_entropy_sum": student_entropy.sum(),
+            "student_entropy_gated_sum": student_entropy[gate].sum(),
             "teacher_entropy_sum": batch.teacher_entropy.to(dtype).sum(), "clipped_tokens": clipped.sum().to(dtype),
             "tokens": torch.tensor(float(len(batch)), dtype=dtype, device=loss.device),
         }

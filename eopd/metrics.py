@@ -65,6 +65,7 @@ def summarize_stats(stats: Mapping[str, float]) -> dict[str, float]:
         fkl_high_entropy = fkl_gated_sum / gated_tokens  (FKL on tokens with H(p) > tau; NaN if none)
         gate_fraction = gated_tokens / T,  clip_fraction = clipped_tokens / T
         student_entropy = student_entropy_sum / T,  teacher_entropy = teacher_entropy_sum / T
+        student_entropy_high_entropy = student_entropy_gated_sum / gated_tokens  (H(q) where H(p) > tau)
     """
     tokens = stats["tokens"]
     if tokens <= 0:
@@ -78,6 +79,7 @@ def summarize_stats(stats: Mapping[str, float]) -> dict[str, float]:
         "gate_fraction": gated / tokens,
         "clip_fraction": stats["clipped_tokens"] / tokens,
         "student_entropy": stats["student_entropy_sum"] / tokens,
+        "student_entropy_high_entropy": stats["student_entropy_gated_sum"] / gated if gated > 0 else math.nan,
         "teacher_entropy": stats["teacher_entropy_sum"] / tokens,
         "tokens": tokens,
     }

@@ -36,7 +36,7 @@ from stages.eval import render_table
 TRAIN_PLOTS = [
     ("train_loss.png", "Loss parts (per response token)", "nats", ["loss", "rkl", "fkl"]),
     ("train_gate_fraction.png", "Share of tokens with teacher entropy above the gate", "fraction", ["gate_fraction"]),
-    ("train_entropy.png", "Token entropy", "nats", ["teacher_entropy", "student_entropy"]),
+    ("train_entropy.png", "Token entropy", "nats", ["teacher_entropy", "student_entropy", "student_entropy_high_entropy"]),
     ("train_fkl_high_entropy.png", "Forward KL on high-entropy teacher tokens", "nats", ["fkl_high_entropy"]),
     ("train_top10_change.png", "Student top-10 change rate between steps (Jaccard distance)", "distance", ["top10_change"]),
 ]
@@ -271,7 +271,7 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 3) -> str:
 
 def compare_table(summaries: Sequence[RunSummary]) -> str:
     header = ["run", "objective", "k", "pass@1", "pass@k", "Avg@k", "entropy", "distinct ok",
-              "train H(student)", "FKL high-H", "gate frac"]
+              "train H(student)", "H(student) high-H", "FKL high-H", "gate frac"]
     rows = []
     for s in summaries:
         f = s.final or {}
@@ -282,13 +282,15 @@ def compare_table(summaries: Sequence[RunSummary]) -> str:
             _fmt(f.get("pass_at_k", {}).get(str(f.get("samples"))), 100, 1),
             _fmt(f.get("avg_at_k"), 100, 1), _fmt(f.get("mean_token_entropy")), _fmt(f.get("mean_distinct_correct"), digits=2),
             _fmt(_nanmean([r.get("student_entropy") for r in last])),
+            _fmt(_nanmean([r.get("student_entropy_high_entropy") for r in last])),
             _fmt(_nanmean([r.get("fkl_high_entropy") for r in last])),
             _fmt(_nanmean([r.get("gate_fraction") for r in last])),
         ])
     return (render_table(header, rows)
             + "\n(eval of each run's final model: pass@k, Avg@k in %, k = samples per problem, entropy = mean token entropy"
             "\n in nats, distinct ok = distinct correct responses per problem; training means over the last round's steps:"
-            "\n student token entropy, forward KL on teacher tokens above the entropy gate, share of tokens gated)")
+            "\n student token entropy (all tokens; on teacher tokens above the entropy gate), forward KL on those"
+            "\n gated tokens, share of tokens gated)")
 
 
 def _legend(s: RunSummary) -> str:

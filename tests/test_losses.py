@@ -230,6 +230,7 @@ def test_token_objective_stats():
     torch.testing.assert_close(stats["loss_sum"], loss.sum())
     torch.testing.assert_close(stats["loss_sum"], stats["rkl_sum"] + stats["fkl_gated_sum"])
     torch.testing.assert_close(stats["student_entropy_sum"], -(logq.exp() * logq).sum())
+    torch.testing.assert_close(stats["student_entropy_gated_sum"], -(logq.exp() * logq).sum(-1)[gate].sum())
     torch.testing.assert_close(stats["teacher_entropy_sum"], entropy.sum())
     ratio = (logq.gather(1, batch.sampled_ids[:, None])[:, 0] - batch.behaviour_logprobs).exp()
     adv = batch.teacher_token_logprobs - batch.behaviour_logprobs

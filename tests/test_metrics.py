@@ -58,12 +58,14 @@ def test_student_topk_ids_matches_full_logits():
 
 def test_summarize_and_merge_stats():
     part = {"loss_sum": 10.0, "rkl_sum": 4.0, "fkl_sum": 12.0, "fkl_gated_sum": 6.0, "gated_tokens": 2.0,
-            "student_entropy_sum": 8.0, "teacher_entropy_sum": 5.0, "clipped_tokens": 1.0, "tokens": 4.0}
+            "student_entropy_sum": 8.0, "student_entropy_gated_sum": 3.0, "teacher_entropy_sum": 5.0,
+            "clipped_tokens": 1.0, "tokens": 4.0}
     total = merge_stats([part, part])
     assert total["tokens"] == 8.0 and total["fkl_gated_sum"] == 12.0
     s = summarize_stats(total)
     assert s == {"loss": 2.5, "rkl": 1.0, "fkl": 3.0, "fkl_high_entropy": 3.0, "gate_fraction": 0.5,
-                 "clip_fraction": 0.25, "student_entropy": 2.0, "teacher_entropy": 1.25, "tokens": 8.0}
+                 "clip_fraction": 0.25, "student_entropy": 2.0, "student_entropy_high_entropy": 1.5,
+                 "teacher_entropy": 1.25, "tokens": 8.0}
     assert math.isnan(summarize_stats({**part, "gated_tokens": 0.0, "fkl_gated_sum": 0.0})["fkl_high_entropy"])
     with pytest.raises(ValueError):
         summarize_stats({**part, "tokens": 0.0})
