@@ -172,20 +172,8 @@ def require_complete(stage_dir: Path, what: str, fix: str) -> dict[str, Any]:
     return data
 
 
-def verify_stage(stage_dir: Path, data: dict[str, Any]) -> None:
-    """Check every shard's sha256 up front, so a corrupted input stops a stage before it writes anything."""
-    for name, record in sorted(data["shards"].items()):
-        path = Path(stage_dir) / name
-        if not path.is_file():
-            raise UserError(f"shard {path} is listed in the manifest but missing; run the stage that wrote it again to redo it")
-        if sha256_file(path) != record["sha256"]:
-            raise UserError(f"shard {path} is corrupted: its sha256 does not match the manifest; "
-                            f"delete it and run the stage that wrote it again: only the missing shard is redone")
-
-
-def read_shard(stage_dir: Path, name: str, record: dict[str, Any], columns: list[str] | None = None) -> pa.Table:
-    """Read one shard after checking its sha256 against the manifest record."""
-    path = Path(stage_dir) / name
+def check_shard(path: Path, record: dict[str, Any]) -> None:
+    """The shard file must exist and match its manifest record's sha256 (UserError naming the file)."""
     if not path.is_file():
         raise UserError(f"shard {path} is listed in the manifest but missing; run the stage that wrote it again to redo it")
     digest = sha256_file(path)
@@ -194,6 +182,18 @@ def read_shard(stage_dir: Path, name: str, record: dict[str, Any], columns: list
             f"shard {path} is corrupted: sha256 {digest[:12]}… does not match the manifest's {record['sha256'][:12]}…; "
             f"delete it and run the stage that wrote it again: only the missing shard is redone"
         )
+
+
+def verify_stage(stage_dir: Path, data: dict[str, Any]) -> None:
+    """Check every shard's sha256 up front, so a corrupted input stops a stage before it writes anything."""
+    for name, record in sorted(data["shards"].items()):
+        check_shard(Path(stage_dir) / name, record)
+
+
+def read_shard(stage_dir: Path, name: str, record: dict[str, Any], columns: list[str] | None = None) -> pa.Table:
+    """Read one shard after checking its sha256 against the manifest record."""
+    path = Path(stage_dir) / name
+    check_shard(path, record)
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
