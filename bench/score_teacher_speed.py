@@ -73,8 +73,8 @@ def main() -> None:
     from pipeline.config import validate
     from pipeline.rundir import RunDir
     from pipeline.shards import iter_stage
-    from pipeline.models import pad_right
-    from stages.score_teacher import length_sorted_batches, load_teacher, run_score_teacher
+    from pipeline.models import length_sorted_batches, pad_right
+    from stages.score_teacher import load_teacher, run_score_teacher
 
     work = Path(tempfile.mkdtemp(prefix="bench-score-"))
     make_teacher(work / "teacher", args.hidden)

@@ -36,6 +36,32 @@ def pad_right(seqs) -> tuple["torch.Tensor", "torch.Tensor"]:
     return ids, mask
 
 
+def length_sorted_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Indices grouped so that (batch size x longest sequence) <= token_budget (a longer single
+    sequence gets a batch of its own); sorting by length keeps padding small."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[cur[0]] > token_budget:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def response_hidden_states(model, seqs, prompt_lengths, device) -> "torch.Tensor":
+    """Final hidden states [sum of response lengths, H] of a causal LM at the positions that predict
+    the response tokens: each sequence is prompt + response, position j predicts token j + 1, so
+    response token t (at P + t) is predicted at P + t - 1. The LM head is left to the caller."""
+    import torch
+
+    ids, mask = pad_right(seqs)
+    hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    return torch.cat([hidden[r, P - 1 : len(s) - 1] for r, (s, P) in enumerate(zip(seqs, prompt_lengths))])
+
+
 def load_tokenizer(path: str | Path, what: str = "student"):
     from transformers import AutoTokenizer
 

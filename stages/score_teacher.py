@@ -24,7 +24,8 @@ from eopd.teacher_stats import chunked_token_stats
 from pipeline.codec import DEFAULT_CODEC, get_codec
 from pipeline.config import Config, ScoreTeacherConfig
 from pipeline.errors import UserError
-from pipeline.models import check_model_dir, check_same_vocabulary, load_tokenizer, pad_right
+from pipeline.models import (check_model_dir, check_same_vocabulary, length_sorted_batches, load_tokenizer,
+                             response_hidden_states)
 from pipeline.prompts import tokenizer_fingerprint
 from pipeline.rundir import RunDir, freeze_config
 from pipeline.shards import read_shard, require_complete, verify_stage
@@ -64,43 +65,22 @@ def token_id_map(student_tok, teacher_tok, eos_map: dict[str, str]) -> dict[int,
     return out
 
 
-def length_sorted_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Indices grouped so that (batch size x longest sequence) <= token_budget (a longer single
-    sequence gets a batch of its own); sorting by length keeps padding small."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    batches, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * lengths[cur[0]] > token_budget:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
 @torch.no_grad()
 def score_rows(model, prompts: list[list[int]], responses: list[list[int]], cfg: ScoreTeacherConfig,
                id_map: dict[int, int]) -> tuple[list[tuple[np.ndarray, ...]], float]:
     """Per row: (topk_ids [T,k], topk_logprobs [T,k], entropy [T], token_logprob [T]) as numpy;
     and the seconds spent in the teacher (forward + statistics)."""
-    backbone, head = model.get_decoder(), model.get_output_embeddings()
+    head = model.get_output_embeddings()
     device = head.weight.device
     inv_map = {t: s for s, t in id_map.items()}
     seqs = [p + [id_map.get(t, t) for t in r] for p, r in zip(prompts, responses)]
     results: list = [None] * len(seqs)
     engine_seconds = 0.0
     for batch in length_sorted_batches([len(s) for s in seqs], cfg.token_budget):
-        ids, mask = pad_right([seqs[i] for i in batch])
         t0 = time.perf_counter()
-        hidden = backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        # Position j predicts token j+1: response token t (at P+t) is predicted at P+t-1.
-        picks, targets = [], []
-        for row, i in enumerate(batch):
-            P, T = len(prompts[i]), len(responses[i])
-            picks.append(hidden[row, P - 1 : P + T - 1])
-            targets.append(ids[row, P : P + T])
-        stats = chunked_token_stats(torch.cat(picks), head.weight, torch.cat(targets).to(device), cfg.top_k,
+        hidden = response_hidden_states(model, [seqs[i] for i in batch], [len(prompts[i]) for i in batch], device)
+        targets = torch.tensor([t for i in batch for t in seqs[i][len(prompts[i]):]], dtype=torch.long, device=device)
+        stats = chunked_token_stats(hidden, head.weight, targets, cfg.top_k,
                                     token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk,
                                     lm_head_bias=getattr(head, "bias", None))
         topk_ids = stats.topk_ids.cpu().numpy()  # .cpu() waits for the GPU: the engine time ends here

@@ -30,7 +30,7 @@ from eopd.losses import ObjectiveConfig, chunked_objective, entropy_gate
 from eopd.metrics import merge_stats, student_topk_ids, summarize_stats, topk_jaccard_distance
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import Preempted, UserError
-from pipeline.models import check_model_dir, load_tokenizer, pad_right
+from pipeline.models import check_model_dir, length_sorted_batches, load_tokenizer, response_hidden_states
 from pipeline.rundir import RunDir, atomic_write_text, freeze_config
 from pipeline.signals import PREEMPTION
 from pipeline.teacher_data import TeacherRows, load_teacher_rows
@@ -95,27 +95,17 @@ def equal_micro_batch_counts(per_rank: list[list[list[int]]]) -> list[list[list[
 
 
 def pack_micro_batches(rows: TeacherRows, idx: list[int], budget: int) -> list[list[int]]:
-    """Longest first, so (rows x longest sequence) <= budget wastes little padding."""
-    length = {i: len(rows.prompt_ids[i]) + rows.response_length(i) for i in idx}
-    out, cur = [], []
-    for i in sorted(idx, key=lambda i: (-length[i], i)):
-        if cur and (len(cur) + 1) * length[cur[0]] > budget:
-            out.append(cur)
-            cur = []
-        cur.append(i)
-    return out + ([cur] if cur else [])
+    """Longest first, so (rows x longest sequence) <= budget wastes little padding; equal lengths
+    in row order."""
+    ordered = sorted(idx)
+    lengths = [len(rows.prompt_ids[i]) + rows.response_length(i) for i in ordered]
+    return [[ordered[j] for j in mb] for mb in length_sorted_batches(lengths, budget)]
 
 
 def response_hidden(model, rows: TeacherRows, batch: list[int], device: torch.device) -> torch.Tensor:
     """Final hidden states [n_tokens, H] at the positions that predict each response token."""
     seqs = [np.concatenate([rows.prompt_ids[i], rows.response_ids[rows.offsets[i]:rows.offsets[i + 1]].numpy()]) for i in batch]
-    ids, mask = pad_right(seqs)
-    hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-    picks = []
-    for r, i in enumerate(batch):
-        P, T = len(rows.prompt_ids[i]), rows.response_length(i)
-        picks.append(hidden[r, P - 1 : P + T - 1])  # position j predicts token j+1
-    return torch.cat(picks)
+    return response_hidden_states(model, seqs, [len(rows.prompt_ids[i]) for i in batch], device)
 
 
 def probe_rows(rows: TeacherRows, tokens: int) -> list[int]:
