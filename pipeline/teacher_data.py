@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from eopd.losses import TokenBatch
@@ -78,7 +79,7 @@ def load_teacher_rows(stage_dir: Path, expect_k: int | None, fix: str) -> Teache
         raise UserError(f"{stage_dir}: shards disagree on k ({sorted(ks)}); delete the stage directory and rescore")
     tables = [p[0].select(COLUMNS) for p in parts]
     table = pa.concat_tables(tables)
-    lengths = np.array([len(r) for r in table.column("response_token_ids").to_pylist()], dtype=np.int64)
+    lengths = pc.list_value_length(table.column("response_token_ids")).to_numpy().astype(np.int64)
     return TeacherRows(
         prompt_ids=[np.asarray(p, dtype=np.int64) for p in table.column("prompt_token_ids").to_pylist()],
         response_ids=_flat(table.column("response_token_ids"), torch.long),

@@ -190,8 +190,8 @@ def run_shards(
             i, final = claim.shard, stage_dir / shard_name(claim.shard)
             try:
                 if claim.adopt:
-                    table = pq.read_table(final)
-                    result, info = None, ShardInfo(table.num_rows, final.stat().st_size, sha256_file(final))
+                    rows = pq.read_metadata(final).num_rows
+                    result, info = None, ShardInfo(rows, final.stat().st_size, sha256_file(final))
                 else:
                     t0 = time.perf_counter()  # after the model load: tokens/s is the steady rate
                     result = engine.finish(i)  # a SIGTERM up to here abandons the shard: nothing is on disk yet
