@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import PromptsConfig
 from pipeline.errors import UserError
-from pipeline.shards import file_metadata, remove_stale_tmp, write_shard
+from pipeline.shards import file_metadata, read_parquet, remove_stale_tmp, write_shard
 
 RESERVED_COLUMNS = {
     "prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", "response_logprobs",
@@ -107,7 +106,7 @@ def tokenized_prompts(prompts_dir: Path, cfg: PromptsConfig, tokenizer) -> tuple
     key = prompt_cache_key(cfg, tokenizer)
     cache = Path(prompts_dir) / "prompts.parquet"
     if cache.is_file() and file_metadata(cache).get("cache_key") == key:
-        return pq.read_table(cache), True
+        return read_parquet(cache), True
 
     ds = load_prompt_dataset(cfg)
     check_prompt_columns(cfg, ds.column_names)

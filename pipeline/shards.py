@@ -92,8 +92,20 @@ def write_shard(final: Path, table: pa.Table, metadata: dict[str, str], tokens: 
 
 def file_metadata(path: Path) -> dict[str, str]:
     """The `eopd.*` footer keys of a shard, without the prefix."""
-    raw = pq.read_schema(path).metadata or {}
+    return schema_metadata(pq.read_schema(path))
+
+
+def schema_metadata(schema: pa.Schema) -> dict[str, str]:
+    """The `eopd.*` keys of a shard's schema (as read with the table), without the prefix."""
+    raw = schema.metadata or {}
     return {k.decode()[len(META_PREFIX):]: v.decode() for k, v in raw.items() if k.startswith(META_PREFIX.encode())}
+
+
+def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file. ParquetFile, not pq.read_table: the latter goes through pyarrow.dataset,
+    which costs ~0.3 s to import on first use and ~5x longer per small file (bench/end_to_end.py)."""
+    with pq.ParquetFile(path) as f:
+        return f.read(columns=columns)
 
 
 class Manifest:
@@ -195,7 +207,7 @@ def read_shard(stage_dir: Path, name: str, record: dict[str, Any], columns: list
     path = Path(stage_dir) / name
     check_shard(path, record)
     try:
-        return pq.read_table(path, columns=columns)
+        return read_parquet(path, columns)
     except (pa.ArrowInvalid, OSError) as e:
         raise UserError(f"shard {path} cannot be read as Parquet: {e}") from None
 

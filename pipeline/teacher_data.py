@@ -13,7 +13,7 @@ import torch
 from eopd.losses import TokenBatch
 from pipeline.codec import codec_from_metadata
 from pipeline.errors import UserError
-from pipeline.shards import SCHEMA_VERSION, file_metadata, iter_stage
+from pipeline.shards import SCHEMA_VERSION, iter_stage, schema_metadata
 
 COLUMNS = ["prompt_token_ids", "response_token_ids", "response_logprobs", "teacher_entropy", "teacher_token_logprob"]
 
@@ -42,7 +42,10 @@ class TeacherRows:
 
     def token_batch(self, rows: list[int]) -> TokenBatch:
         """The response tokens of `rows`, concatenated in the given order."""
-        idx = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in rows])
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
+        # token j of the batch is row r's token (j - batch start of r): one arange, no per-row loop
+        idx = torch.from_numpy(np.arange(lengths.sum()) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths))
         return TokenBatch(self.response_ids[idx], self.behaviour_logprobs[idx], self.teacher_token_logprobs[idx],
                           self.teacher_topk_ids[idx], self.teacher_topk_logprobs[idx], self.teacher_entropy[idx])
 
@@ -58,7 +61,7 @@ def load_teacher_rows(stage_dir: Path, expect_k: int | None, fix: str) -> Teache
     parts = []
     for name, table in iter_stage(stage_dir, "teacher shards", fix):
         path = Path(stage_dir) / name
-        meta = file_metadata(path)
+        meta = schema_metadata(table.schema)
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise UserError(f"{path}: schema version {meta.get('schema_version')!r}, this eopd-pipe reads {SCHEMA_VERSION!r}; "
                             f"rescore with `eopd-pipe score-teacher`")
@@ -80,8 +83,10 @@ def load_teacher_rows(stage_dir: Path, expect_k: int | None, fix: str) -> Teache
     tables = [p[0].select(COLUMNS) for p in parts]
     table = pa.concat_tables(tables)
     lengths = pc.list_value_length(table.column("response_token_ids")).to_numpy().astype(np.int64)
+    prompt_ends = np.cumsum(pc.list_value_length(table.column("prompt_token_ids")).to_numpy())
+    prompt_ids = np.split(_flat(table.column("prompt_token_ids"), torch.long).numpy(), prompt_ends[:-1])
     return TeacherRows(
-        prompt_ids=[np.asarray(p, dtype=np.int64) for p in table.column("prompt_token_ids").to_pylist()],
+        prompt_ids=prompt_ids[:len(prompt_ends)],  # np.split of nothing gives one empty piece
         response_ids=_flat(table.column("response_token_ids"), torch.long),
         behaviour_logprobs=_flat(table.column("response_logprobs"), torch.float32),
         teacher_token_logprobs=_flat(table.column("teacher_token_logprob"), torch.float32),

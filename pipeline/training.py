@@ -35,13 +35,18 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _several_ranks() -> bool:
+    # A one-process group exists too: vLLM creates one when a rollout ran in this process.
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _several_ranks():
         torch.distributed.barrier()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _several_ranks():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     torch.distributed.all_reduce(t)

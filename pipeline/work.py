@@ -8,6 +8,11 @@ Workers: each shard is claimed with an OS file lock (fcntl), released by the OS 
 exits or is killed, so any number of processes can run the same stage command at once and no
 shard is done twice. `--worker I/N` additionally restricts a process to shards i with i % N == I
 (a static split across machines that share the run directory).
+
+Writing: one writer thread encodes, compresses, writes and records shard i while the engine
+computes shard i + 1 (on a GPU the CPU work is then off the critical path; bench/end_to_end.py).
+A SIGTERM waits for the shard in the writer; a kill -9 leaves a temporary file (removed on
+restart) or a renamed, unrecorded shard (adopted on restart), as before.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -72,7 +78,7 @@ class WorkerSpec:
 
 @dataclass
 class ShardResult:
-    table: pa.Table
+    table: pa.Table | Callable[[], pa.Table]  # or a function that builds it, run in the writer thread
     tokens: int  # tokens produced/processed, for the tokens/s readout
     engine_seconds: float = 0.0  # inside the model engine (vLLM, teacher forward), for bench/end_to_end.py
 
@@ -157,7 +163,8 @@ def run_shards(
     def claim_next() -> _Claim | None:
         """Lock the next shard of `todo` that nobody else holds or has finished."""
         for i in todo:
-            lock = FileLock(str(stage_dir / ".locks" / f"{shard_name(i)}.lock"))
+            # not thread-local: the writer thread releases it after recording the shard
+            lock = FileLock(str(stage_dir / ".locks" / f"{shard_name(i)}.lock"), thread_local=False)
             try:
                 lock.acquire(timeout=0)
             except Timeout:
@@ -175,6 +182,42 @@ def run_shards(
             return claim
         return None
 
+    def commit(claim: _Claim, result: ShardResult | None) -> None:
+        """Write + rename + record shard `claim.shard` (or record an adopted file), then unlock it.
+        Runs in the writer thread: signals reach only the main thread, which waits for it."""
+        i, final = claim.shard, stage_dir / shard_name(claim.shard)
+        try:
+            if result is None:
+                info = ShardInfo(pq.read_metadata(final).num_rows, final.stat().st_size, sha256_file(final))
+            else:
+                table = result.table() if callable(result.table) else result.table
+                info = write_shard(final, table, file_metadata, tokens=result.tokens,
+                                   before_rename=lambda: test_pause("shard_rename", i))
+            test_pause("shard_record", i)
+            manifest.record(i, info)
+        except OSError as e:
+            raise UserError(f"could not write {final}: {e}; fix that (disk space, permissions) and run the same "
+                            f"command again: the shards recorded so far are kept") from None
+        finally:
+            claim.lock.release()
+
+    # One writer thread: shard i is encoded, compressed, written and recorded while the engine
+    # computes shard i + 1. At most one shard is in the writer, so memory stays bounded.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eopd-shard-writer")
+    in_writer: tuple[Future, int, int] | None = None  # (future, shard, tokens)
+
+    def wait_for_writer() -> None:
+        nonlocal in_writer
+        if in_writer is not None:
+            future, shard, tokens = in_writer
+            future.result()  # the writer's error, if any, surfaces here
+            in_writer = None
+            summary.done_now.append(shard)
+            summary.tokens += tokens
+            bar.update(1)
+            if summary.seconds > 0:
+                bar.set_postfix(tok_s=f"{summary.tokens / summary.seconds:,.0f}")
+
     claims: list[_Claim] = []  # claimed, in order; at most two when the engine can start ahead
     bar = tqdm(total=len(mine), initial=len(summary.done_before), desc=desc, unit="shard", dynamic_ncols=True)
     try:
@@ -186,33 +229,24 @@ def run_shards(
             if len(claims) == 1 and not claims[0].adopt and engine.start is not None:
                 if (c := claim_next()) is not None:  # queued behind the current shard (see ShardWorker)
                     claims.append(c)
-            claim = claims.pop(0)
-            i, final = claim.shard, stage_dir / shard_name(claim.shard)
-            try:
-                if claim.adopt:
-                    rows = pq.read_metadata(final).num_rows
-                    result, info = None, ShardInfo(rows, final.stat().st_size, sha256_file(final))
-                else:
-                    t0 = time.perf_counter()  # after the model load: tokens/s is the steady rate
-                    result = engine.finish(i)  # a SIGTERM up to here abandons the shard: nothing is on disk yet
-                    summary.seconds += time.perf_counter() - t0
-                    summary.engine_seconds += result.engine_seconds
-                    test_pause("shard_compute", i)
-                with PREEMPTION.deferred():  # write + rename + record: never cut in between
-                    if result is not None:
-                        info = write_shard(final, result.table, file_metadata, tokens=result.tokens,
-                                           before_rename=lambda: test_pause("shard_rename", i))
-                        summary.tokens += result.tokens
-                    test_pause("shard_record", i)
-                    manifest.record(i, info)
-                summary.done_now.append(i)
-                bar.update(1)
-                if summary.seconds > 0:
-                    bar.set_postfix(tok_s=f"{summary.tokens / summary.seconds:,.0f}")
-            finally:
-                claim.lock.release()
+            claim, result = claims[0], None
+            if not claim.adopt:
+                t0 = time.perf_counter()  # after the model load: tokens/s is the steady rate
+                result = engine.finish(claim.shard)  # a SIGTERM up to here abandons the shard: nothing is on disk yet
+                summary.seconds += time.perf_counter() - t0
+                summary.engine_seconds += result.engine_seconds
+            wait_for_writer()
+            if result is not None:
+                test_pause("shard_compute", claim.shard)  # the previous shard is recorded by now
+            in_writer = (writer.submit(commit, claim, result), claim.shard, result.tokens if result else 0)
+            claims.pop(0)  # from here the writer releases its lock
+        wait_for_writer()
     finally:
-        for c in claims:  # claimed ahead, not finished (an error or a SIGTERM): free for others
+        # A SIGTERM or an error: the shard in the writer is finished first (never cut between
+        # write and record); shards claimed but not computed are freed for other workers.
+        with PREEMPTION.deferred():
+            writer.shutdown(wait=True)
+        for c in claims:
             c.lock.release()
         bar.close()
     summary.complete = manifest.is_complete()

@@ -8,7 +8,8 @@ Recipe:
   4. backbone forward -> final hidden states at the positions that predict response tokens ->
      eopd.teacher_stats.chunked_token_stats (lm_head + log-softmax chunk by chunk, never a full
      fp32 [tokens, vocab] tensor)
-  5. rollout columns + teacher columns -> Parquet shard (codec and identity in the file metadata)
+  5. rollout columns + teacher columns -> Parquet shard (codec and identity in the file metadata),
+     encoded and written by run_shards' writer thread while the teacher scores the next shard
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: Worker
             table = read_shard(rollout_dir, names[i], rollouts["shards"][names[i]])
             responses = table.column("response_token_ids").to_pylist()
             scored, engine_seconds = score_rows(model, table.column("prompt_token_ids").to_pylist(), responses, sc, id_map)
-            return ShardResult(teacher_table(table, scored, codec, sc.top_k), sum(len(r) for r in responses), engine_seconds)
+            # The top-k encoding runs in the shard writer thread, beside the next shard's forward.
+            return ShardResult(lambda: teacher_table(table, scored, codec, sc.top_k), sum(len(r) for r in responses), engine_seconds)
         return compute
 
     meta = {"stage": STAGE, "round": str(round_index), "k": str(sc.top_k), "teacher": str(teacher_path),

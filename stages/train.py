@@ -52,6 +52,7 @@ class TrainSummary:
     wall_seconds: float = 0.0
     load_seconds: float = 0.0
     engine_seconds: float = 0.0  # forward, backward and optimiser step (bench/end_to_end.py)
+    probe_seconds: float = 0.0  # the top-10 probe's forward (a metric, not training)
 
 
 def objective_config(tc: TrainConfig) -> ObjectiveConfig:
@@ -216,7 +217,7 @@ def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: b
     model, dtype = load_student(policy, tc, device)
     lr_lambda = lambda s: lr_factor(offset + s, total_steps, tc)  # noqa: E731 (LambdaLR wants a callable)
     engine = DeepSpeedEngine(model, tc, lr_lambda, bf16=dtype == torch.bfloat16) if tc.deepspeed else TorchEngine(model, tc, lr_lambda)
-    load_seconds, engine_seconds = time.perf_counter() - t_load, 0.0
+    load_seconds, engine_seconds, probe_seconds = time.perf_counter() - t_load, 0.0, 0.0
 
     train_dir = run.stage_dir(round_index, "train")
     ckpt_dir, metrics_path = train_dir / "checkpoints", train_dir / "metrics.jsonl"
@@ -273,6 +274,7 @@ def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: b
             elapsed = time.perf_counter() - t0
             with torch.no_grad():
                 probe_ids = student_topk_ids(response_hidden(engine.module, rows, probe, device), head, k=10)
+            probe_seconds += time.perf_counter() - t0 - elapsed
             change = topk_jaccard_distance(probe_prev, probe_ids) if probe_prev is not None else math.nan
             probe_prev = probe_ids.cpu()
             metrics = {"round": round_index, "step": s + 1, "global_step": offset + s + 1, "lr": engine.lr,
@@ -299,7 +301,7 @@ def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: b
         write_student(engine.module, check_model_dir(cfg.student.path, "student"), out)
     barrier()
     return TrainSummary(out, len(steps) - start, len(steps), start, metrics,
-                        time.perf_counter() - wall0, load_seconds, engine_seconds)
+                        time.perf_counter() - wall0, load_seconds, engine_seconds, probe_seconds)
 
 
 def _tensorboard(train_dir: Path):

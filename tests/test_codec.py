@@ -68,6 +68,16 @@ def test_k1_empty_rows_and_floor(name, params):
     assert only_empty[0].shape == (0, 3) and only_empty[1].shape == (0, 3)
 
 
+def test_packed_byte_layout():
+    """The stored format (module docstring), byte for byte: shards written earlier must stay readable."""
+    ids = [np.array([[1, 256], [2, 65536]]), np.array([[7, 8]])]
+    lps = [np.array([[-0.5, -1.0], [0.0, -3.0]], np.float32), np.array([[-1 / 32, -2 / 32]], np.float32)]
+    got = get_codec("packed", step=1 / 32).encode(ids, lps)
+    assert got[IDS_COLUMN].to_pylist() == [bytes([2, 0, 1, 2, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]), bytes([2, 0, 7, 8, 0, 0, 0, 0])]
+    # codes [[16, 32], [0, 96]] -> gaps [[16, 16], [0, 96]] -> rank-major 16, 0, 16, 96 -> low plane, high plane
+    assert got[LOGPROBS_COLUMN].to_pylist() == [bytes([16, 0, 16, 96, 0, 0, 0, 0]), bytes([1, 1, 0, 0])]
+
+
 def test_packed_grid_is_exact():
     """Power-of-two step: every value is off by at most step/2, values on the grid come back exactly."""
     codec = get_codec("packed", step=1 / 32)

@@ -100,6 +100,31 @@ def test_sigterm_during_bookkeeping_finishes_the_shard_first(tmp_path, reference
     assert shard_digests(stage) == reference
 
 
+def test_writer_thread_builds_and_writes_beside_the_next_shard(tmp_path, reference):
+    """Shard i's table is built and written while shard i + 1 is computed; results unchanged."""
+    stage = tmp_path / "stage"
+    proc = start(stage, env={"FAKE_BUILD_SECONDS": "0.5"})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    ev = events(out)
+    # One at a time, shard 1 would start after shard 0's 0.5 s build; overlapped, during it.
+    assert ev.index(("finish", 1)) < ev.index(("build-end", 0))
+    assert done_now(out) == list(range(NUM_SHARDS))
+    assert shard_digests(stage) == reference
+
+
+def test_writer_error_stops_the_stage_and_keeps_finished_shards(tmp_path, reference):
+    stage = tmp_path / "stage"
+    proc = start(stage, env={"FAKE_BUILD_SECONDS": "0", "FAKE_FAIL_BUILD": "2"})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "could not write" in err and "simulated write failure in shard 2" in err
+    assert "Traceback" not in err
+    assert sorted(json.loads((stage / "manifest.json").read_text())["shards"]) == ["part-00000.parquet", "part-00001.parquet"]
+    assert leftovers(stage) == []
+    assert finish(stage, env={"FAKE_BUILD_SECONDS": "0"}) == [2, 3, 4, 5]
+    assert shard_digests(stage) == reference
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["one-at-a-time", "overlap"])
 def test_two_workers_by_lock_files_do_every_shard_once(tmp_path, reference, overlap):
     stage = tmp_path / "stage"
