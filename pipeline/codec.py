@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -81,8 +81,9 @@ class TopkCodec:
         raise NotImplementedError
 
     @staticmethod
-    def _check(ids: Sequence[np.ndarray], logprobs: Sequence[np.ndarray], max_id: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-        """Rows as [T_i, k] int64 / float32 arrays with one k, ids in [0, max_id), log-probs sorted descending."""
+    def _check(ids: Sequence[np.ndarray], logprobs: Sequence[np.ndarray], max_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Rows of [T_i, k] ids and log-probs with one k, ids in [0, max_id), log-probs sorted
+        descending -> all rows concatenated: ids [N, k] int64, log-probs [N, k] float32; T_i; k."""
         if len(ids) != len(logprobs):
             raise ValueError(f"{len(ids)} id rows but {len(logprobs)} log-prob rows")
         if not ids:
@@ -102,11 +103,11 @@ class TopkCodec:
             raise ValueError("log-probs contain NaN")
         if (flat_lp[:, 1:] > flat_lp[:, :-1]).any():
             raise ValueError("log-probs must be sorted descending along k (as chunked_token_stats returns them)")
-        return ids, logprobs, k
+        return flat_ids, flat_lp, np.array([len(a) for a in ids], dtype=np.int64), k
 
 
-def _row_offsets(rows: list[np.ndarray]) -> pa.Array:
-    return pa.array(np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32), pa.int32())
+def _row_offsets(lengths: np.ndarray) -> pa.Array:
+    return pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), pa.int32())
 
 
 def _flat_values(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
@@ -141,10 +142,10 @@ class ListCodec(TopkCodec):
                 pa.field(LOGPROBS_COLUMN, pa.list_(pa.list_(self.value_type, k)))]
 
     def encode(self, ids: Sequence[np.ndarray], logprobs: Sequence[np.ndarray]) -> dict[str, pa.Array]:
-        ids, logprobs, k = self._check(ids, logprobs, 2**31)
-        off = _row_offsets(ids)
-        tok_ids = pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(ids).reshape(-1).astype(np.int32)), k)
-        values = pa.array(self._to_values(np.concatenate(logprobs).reshape(-1)), self.value_type)
+        flat_ids, flat_lp, lengths, k = self._check(ids, logprobs, 2**31)
+        off = _row_offsets(lengths)
+        tok_ids = pa.FixedSizeListArray.from_arrays(pa.array(flat_ids.reshape(-1).astype(np.int32)), k)
+        values = pa.array(self._to_values(flat_lp.reshape(-1)), self.value_type)
         return {IDS_COLUMN: pa.ListArray.from_arrays(off, tok_ids),
                 LOGPROBS_COLUMN: pa.ListArray.from_arrays(off, pa.FixedSizeListArray.from_arrays(values, k))}
 
@@ -208,17 +209,26 @@ class Uint8Codec(ListCodec):
 ID_BYTES, CODE_BYTES = 3, 2  # packed: ids < 2^24, log-prob codes < 2^16
 
 
-def _row_planes(x: np.ndarray, lengths: np.ndarray, starts: np.ndarray, nbytes: int) -> list[bytes]:
-    """[N, k] non-negative ints, rows of `lengths` tokens from `starts` -> per row its blob:
-    nbytes byte planes (least significant first), each rank-major (all rank-1 values of the row,
-    then rank 2, ...). Rows of one length are transposed together (numpy per length, not per row)."""
+def _length_groups(lengths: np.ndarray, elements_per_token: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(T, rows, their first tokens) for the rows of each length T, in chunks whose gather index
+    stays under ~32 MB: the packed codec's numpy works per group, not per row."""
+    token_starts = np.cumsum(lengths) - lengths
+    for T in np.unique(lengths).tolist():
+        same_length = np.flatnonzero(lengths == T)
+        per_chunk = max(1, (1 << 22) // max(1, elements_per_token * T))
+        for c in range(0, len(same_length), per_chunk):
+            rows = same_length[c:c + per_chunk]
+            yield T, rows, token_starts[rows]
+
+
+def _row_planes(x: np.ndarray, lengths: np.ndarray, nbytes: int) -> list[bytes]:
+    """[N, k] non-negative ints, rows of `lengths` tokens -> per row its blob: nbytes byte planes
+    (least significant first), each rank-major (all rank-1 values of the row, then rank 2, ...)."""
     k = x.shape[1]
     planes = x.astype("<u4").view(np.uint8).reshape(len(x), k, 4)[:, :, :nbytes]  # [N, k, nbytes]
     out: list[bytes] = [b""] * len(lengths)
-    for T in np.unique(lengths).tolist():
-        rows = np.flatnonzero(lengths == T)
-        tokens = starts[rows, None] + np.arange(T)  # [R, T]
-        blocks = np.ascontiguousarray(planes[tokens].transpose(0, 3, 2, 1))  # [R, nbytes, k, T]
+    for T, rows, starts in _length_groups(lengths, k * nbytes):
+        blocks = np.ascontiguousarray(planes[starts[:, None] + np.arange(T)].transpose(0, 3, 2, 1))  # [R, nbytes, k, T]
         for r, block in zip(rows.tolist(), blocks):
             out[r] = block.tobytes()
     return out
@@ -226,19 +236,14 @@ def _row_planes(x: np.ndarray, lengths: np.ndarray, starts: np.ndarray, nbytes: 
 
 def _rows_from_planes(data: np.ndarray, byte_starts: np.ndarray, lengths: np.ndarray, k: int, nbytes: int) -> np.ndarray:
     """Inverse of _row_planes: row r's blob at data[byte_starts[r]:] ([nbytes, k, T_r] bytes)
-    -> [sum T_r, k] int64 in row order. Rows of one length are decoded together."""
+    -> [sum T_r, k] int64 in row order."""
     out = np.empty((int(lengths.sum()), k), np.int64)
-    token_starts = np.cumsum(lengths) - lengths
-    for T in np.unique(lengths).tolist():
-        same_length = np.flatnonzero(lengths == T)
-        per_chunk = max(1, (1 << 22) // max(1, nbytes * k * T))  # bounds the gather index to ~32 MB
-        for c in range(0, len(same_length), per_chunk):
-            rows = same_length[c:c + per_chunk]
-            blocks = data[byte_starts[rows, None] + np.arange(nbytes * k * T)].reshape(len(rows), nbytes, k, T)
-            values = blocks[:, 0].astype(np.int64)
-            for p in range(1, nbytes):
-                values |= blocks[:, p].astype(np.int64) << (8 * p)
-            out[token_starts[rows, None] + np.arange(T)] = values.transpose(0, 2, 1)  # [R, T, k]
+    for T, rows, starts in _length_groups(lengths, k * nbytes):
+        blocks = data[byte_starts[rows, None] + np.arange(nbytes * k * T)].reshape(len(rows), nbytes, k, T)
+        values = blocks[:, 0].astype(np.int64)
+        for p in range(1, nbytes):
+            values |= blocks[:, p].astype(np.int64) << (8 * p)
+        out[starts[:, None] + np.arange(T)] = values.transpose(0, 2, 1)  # [R, T, k]
     return out
 
 
@@ -271,17 +276,14 @@ class PackedCodec(TopkCodec):
         return [pa.field(IDS_COLUMN, pa.binary()), pa.field(LOGPROBS_COLUMN, pa.binary())]
 
     def encode(self, ids: Sequence[np.ndarray], logprobs: Sequence[np.ndarray]) -> dict[str, pa.Array]:
-        ids, logprobs, k = self._check(ids, logprobs, 2 ** (8 * ID_BYTES))
+        flat_ids, flat_lp, lengths, k = self._check(ids, logprobs, 2 ** (8 * ID_BYTES))
         if k >= 2**16:
             raise ValueError(f"packed codec: k must be < 65536, got {k}")
         header = np.uint16(k).astype("<u2").tobytes()
-        flat_ids, flat_lp = np.concatenate(ids), np.concatenate(logprobs)
         codes = np.clip(np.rint(-flat_lp / self.step), 0, self.max_code).astype(np.int64)
         gaps = np.diff(codes, axis=1, prepend=0)  # >= 0: log-probs are sorted descending
-        lengths = np.array([len(a) for a in ids])
-        starts = np.cumsum(lengths) - lengths
-        id_blobs = [header + b for b in _row_planes(flat_ids, lengths, starts, ID_BYTES)]
-        lp_blobs = _row_planes(gaps, lengths, starts, CODE_BYTES)
+        id_blobs = [header + b for b in _row_planes(flat_ids, lengths, ID_BYTES)]
+        lp_blobs = _row_planes(gaps, lengths, CODE_BYTES)
         return {IDS_COLUMN: pa.array(id_blobs, pa.binary()), LOGPROBS_COLUMN: pa.array(lp_blobs, pa.binary())}
 
     def decode(self, table: pa.Table) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,9 +84,9 @@ def load_teacher_rows(stage_dir: Path, expect_k: int | None, fix: str) -> Teache
     table = pa.concat_tables(tables)
     lengths = pc.list_value_length(table.column("response_token_ids")).to_numpy().astype(np.int64)
     prompt_ends = np.cumsum(pc.list_value_length(table.column("prompt_token_ids")).to_numpy())
-    prompt_ids = np.split(_flat(table.column("prompt_token_ids"), torch.long).numpy(), prompt_ends[:-1])
     return TeacherRows(
-        prompt_ids=prompt_ids[:len(prompt_ends)],  # np.split of nothing gives one empty piece
+        # split at every row's end: the piece after the last end is empty
+        prompt_ids=np.split(_flat(table.column("prompt_token_ids"), torch.long).numpy(), prompt_ends)[:-1],
         response_ids=_flat(table.column("response_token_ids"), torch.long),
         behaviour_logprobs=_flat(table.column("response_logprobs"), torch.float32),
         teacher_token_logprobs=_flat(table.column("teacher_token_logprob"), torch.float32),
