@@ -109,7 +109,8 @@ def teacher_table(rollouts: pa.Table, scored: list[tuple[np.ndarray, ...]], code
 
 
 def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec | None = None,
-                      allow_config_change: bool = False) -> StageSummary:
+                      allow_config_change: bool = False, teacher=None) -> StageSummary:
+    """`teacher`: a model already loaded by `load_teacher` (the persistent `run` keeps one across rounds)."""
     sc = cfg.score_teacher
     rollout_dir = run.stage_dir(round_index, "rollouts")
     rollouts = require_complete(rollout_dir, f"round {round_index} rollouts",
@@ -125,7 +126,7 @@ def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: Worker
     names = sorted(rollouts["shards"])
 
     def open_worker():
-        model = load_teacher(teacher_path, sc)
+        model = teacher if teacher is not None else load_teacher(teacher_path, sc)
 
         def compute(i: int) -> ShardResult:
             table = read_shard(rollout_dir, names[i], rollouts["shards"][names[i]])
