@@ -12,6 +12,7 @@ import click
 
 from pipeline.config import Config, load_config
 from pipeline.errors import Preempted, UserError
+from pipeline.logs import capture_logs, log_path, print_exception_to_terminal, set_verbose, terminal_stderr
 from pipeline.rundir import RunDir
 from pipeline.signals import PREEMPTION
 from pipeline.work import StageSummary, WorkerSpec
@@ -46,20 +47,42 @@ def sharded_options(f):
 
 
 def handle_errors(f):
-    """User errors: one message, exit 2. Preemption: exit 143 so schedulers see a terminated job."""
+    """User errors: one message, exit 2. Preemption: exit 143 so schedulers see a terminated job.
+    Messages go to the terminal even where stderr is a log (a stage process started by `run`)."""
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         PREEMPTION.install()
         try:
             return f(*args, **kwargs)
         except UserError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
+            click.secho(f"error: {e}", fg="red", file=terminal_stderr())
             sys.exit(2)
         except Preempted:
             click.secho("preempted (SIGTERM): unfinished work abandoned cleanly; run the same command again to resume",
-                        fg="yellow", err=True)
+                        fg="yellow", file=terminal_stderr())
             sys.exit(Preempted.exit_code)
+        except Exception as e:  # a bug or a library failure: the traceback, and where the library log is
+            print_exception_to_terminal(e)
+            sys.exit(1)
     return wrapper
+
+
+VERBOSE_HELP = "Show everything vLLM, transformers, DeepSpeed and torch print (default: only in RUN_DIR/logs/COMMAND.log)."
+
+
+def quiet(name: str, dir_param: str = "run_dir"):
+    """The command's library output goes to DIR/logs/NAME.log (pipeline/logs.py), DIR being the
+    command's `dir_param` argument; adds -v/--verbose, which shows it instead."""
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, verbose: bool = False, **kwargs):
+            set_verbose(verbose)
+            root = Path(kwargs[dir_param]).resolve()
+            # only_inside: a call refused before it creates the directory must not leave it behind.
+            with capture_logs(log_path(root, name), only_inside=root):
+                return f(*args, **kwargs)
+        return click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)(wrapper)
+    return decorate
 
 
 def report_stage(summary: StageSummary, name: str) -> None:
@@ -72,20 +95,24 @@ def report_stage(summary: StageSummary, name: str) -> None:
 
 
 @click.group(context_settings=CONTEXT)
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
+def main(verbose: bool) -> None:
     """eopd-pipe: Entropy-Aware On-Policy Distillation as resumable stages.
 
     \b
     One round:  rollout -> score-teacher -> train   (or `run` for all rounds)
     Every stage resumes after kill -9 or SIGTERM: run the same command again.
     Everything lives in RUN_DIR; see `eopd-pipe status RUN_DIR`.
+    What vLLM, transformers and DeepSpeed print goes to RUN_DIR/logs/COMMAND.log (-v: to the terminal).
     """
+    set_verbose(verbose)
 
 
 @main.command(context_settings=CONTEXT)
 @stage_options
 @sharded_options
 @handle_errors
+@quiet("rollout")
 def rollout(run_dir, config_path, overrides, allow_config_change, round_index, worker):
     """Sample student responses with vLLM into RUN_DIR/round-R/rollouts/.
 
@@ -104,6 +131,7 @@ def rollout(run_dir, config_path, overrides, allow_config_change, round_index, w
 @stage_options
 @sharded_options
 @handle_errors
+@quiet("score-teacher")
 def score_teacher(run_dir, config_path, overrides, allow_config_change, round_index, worker):
     """Score round R's rollouts with the teacher into RUN_DIR/round-R/teacher/.
 
@@ -123,6 +151,7 @@ def score_teacher(run_dir, config_path, overrides, allow_config_change, round_in
 @click.option("--round", "round_index", type=int, default=0, show_default=True, help="Round to train.")
 @click.option("--local_rank", "--local-rank", type=int, hidden=True, help="Set by the deepspeed launcher.")
 @handle_errors
+@quiet("train")
 def train(run_dir, config_path, overrides, allow_config_change, round_index, local_rank):
     """Train round R's student on RUN_DIR/round-R/teacher/ with the entropy-gated objective.
 
@@ -149,13 +178,24 @@ def train(run_dir, config_path, overrides, allow_config_change, round_index, loc
 @main.command(context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--verify", is_flag=True, help="Also check every shard's sha256 against its manifest.")
+@click.option("--repair", is_flag=True,
+              help="Rebuild a deleted or corrupted manifest.json from the shards that read back whole with the "
+                   "stage's columns (others are renamed *.bad and redone by the stage).")
+@click.option("--no-health", is_flag=True, help="Skip the health figures (they read two columns of every shard).")
 @handle_errors
-def status(run_dir, verify):
-    """Show what is done in RUN_DIR, per round, stage and shard."""
-    from stages.status import status_text, verify_run
+def status(run_dir, verify, repair, no_health):
+    """One screen: per round what is done, what is in progress and by which process, the last
+    checkpoint, the health figures (on-policy KL at the start of the round, responses at max_tokens,
+    student entropy, gate fraction, pass@k) and warnings when a round looks divergent."""
+    from stages.status import repair_run, status_text, verify_run
 
     run = RunDir(run_dir)
-    click.echo(status_text(run))
+    if repair:
+        for line in repair_run(run):
+            click.echo(f"repair: {line}")
+    text = status_text(run, health=not no_health)
+    for line in text.splitlines():
+        click.secho(line, fg="yellow" if line.lstrip().startswith("warning:") else None)
     if verify:
         problems = verify_run(run)
         if problems:
@@ -166,6 +206,7 @@ def status(run_dir, verify):
 @main.command("run", context_settings=CONTEXT)
 @stage_options
 @handle_errors
+@quiet("run")
 def run_cmd(run_dir, config_path, overrides, allow_config_change):
     """All rounds: rollout -> score-teacher -> train, then eval and report.
 
@@ -191,6 +232,7 @@ def run_cmd(run_dir, config_path, overrides, allow_config_change):
 @click.option("--model", default="final", show_default=True,
               help="base (student.path), teacher, final (the newest trained student) or round-N.")
 @handle_errors
+@quiet("eval")
 def eval_cmd(run_dir, config_path, overrides, allow_config_change, model):
     """Sample eval.samples responses per eval problem with vLLM, verify the answers and report
     pass@1..pass@k (unbiased estimator), Avg@k, token entropy and answer diversity.
@@ -207,6 +249,7 @@ def eval_cmd(run_dir, config_path, overrides, allow_config_change, model):
 @main.command(context_settings=CONTEXT)
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @handle_errors
+@quiet("report")
 def report(run_dir):
     """PNG plots of the training metrics across rounds and of eval pass@k, into RUN_DIR/report/."""
     from stages.report import make_report
@@ -220,6 +263,7 @@ def report(run_dir):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("compare"),
               show_default=True, help="Where the comparison plot goes.")
 @handle_errors
+@quiet("compare", dir_param="out_dir")
 def compare(run_dirs, out_dir):
     """Side by side: several runs of the same setup (e.g. train.objective rkl vs eopd):
     pass@k, student entropy, FKL on high-entropy teacher tokens."""
@@ -235,6 +279,7 @@ def compare(run_dirs, out_dir):
 @click.option("--quick", is_flag=True, help="Untrained tiny models in seconds (for tests), instead of the trained demo teacher.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
+@quiet("make-toy", dir_param="out_dir")
 def make_toy_cmd(out_dir, quick, seed):
     """Build tiny local models and a task dataset: tokenizer, teacher, student, prompts.
 

@@ -9,14 +9,20 @@ from pipeline.errors import UserError
 
 
 def check_model_dir(path: str | Path, what: str) -> Path:
-    """A local HF model directory must exist and hold config.json (hub names pass through)."""
-    p = Path(path)
-    looks_local = p.is_absolute() or str(path).startswith(".") or p.exists() or len(p.parts) != 2
+    """A local HF model directory must exist and hold config.json. The hub is asked only for a name
+    that cannot be a local path ("org/name" whose "org" is not a local directory) or "hub:org/name"."""
+    text = str(path)
+    if text.startswith("hub:"):  # "hub:org/name": the hub, even where a local path of that name could exist
+        return _hub_snapshot(text[len("hub:"):], what)
+    p = Path(text).expanduser()
+    looks_local = (p.is_absolute() or text.startswith((".", "~")) or p.exists() or len(p.parts) != 2
+                   or Path(p.parts[0]).is_dir())
     if not looks_local:
-        return _hub_snapshot(str(path), what)
+        return _hub_snapshot(text, what)
     if not p.is_dir():
-        raise UserError(f"{what} model directory {p} does not exist; set {what}.path to a save_pretrained directory "
-                        f"(or run `eopd-pipe make-toy DIR` for tiny local models)")
+        where = f" ({p.resolve()})" if not p.is_absolute() else ""
+        raise UserError(f"{what} model directory {p}{where} does not exist; set {what}.path to a save_pretrained "
+                        f"directory, a hub model as hub:org/name, or run `eopd-pipe make-toy DIR` for tiny local models")
     if not (p / "config.json").is_file():
         raise UserError(f"{what} model directory {p} has no config.json; it must be a transformers save_pretrained directory")
     return p
@@ -145,8 +151,16 @@ def _hub_snapshot(repo_id: str, what: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as e:
-        raise UserError(f"{what}.path {repo_id!r} is not a local directory and could not be fetched from the hub "
-                        f"({type(e).__name__}); download it first or point {what}.path at a local save_pretrained directory") from None
+        name = type(e).__name__
+        if "NotFound" in name and "Entry" not in name:  # RepositoryNotFoundError, RevisionNotFoundError
+            why = "the hub has no such model (or it is private: `huggingface-cli login`)"
+        elif os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or "LocalEntryNotFound" in name:
+            why = "it is not in the local hub cache and the hub is not reachable (offline)"
+        else:
+            why = f"the hub could not be reached: {name}"
+        raise UserError(f"{what}.path {repo_id!r}: no local directory {Path(repo_id).resolve()}, and {why}; "
+                        f"point {what}.path at a local save_pretrained directory, or download it first "
+                        f"(`huggingface-cli download {repo_id}`)") from None
 
 
 PROBE = "The teacher and student must agree: 3 + 4 = 7, naïve café, <tag> \n\t ∑x² 你好 🙂"

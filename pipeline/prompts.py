@@ -22,35 +22,71 @@ RESERVED_COLUMNS = {
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 
 
+HUB_PREFIX = "hub:"  # prompts.path "hub:org/name": a hub dataset, even where a local path of that name could exist
+
+
+def looks_local(path: str) -> bool:
+    """A path the user means as a local file or directory: one that exists, is absolute or starts with
+    . or ~, names a data file (.jsonl, ...), has more than two parts, or whose first part is a local
+    directory. Anything else ("org/name", "gsm8k") may be a hub dataset."""
+    p = Path(path).expanduser()
+    return (p.exists() or p.is_absolute() or path.startswith((".", "~")) or p.suffix in _LOCAL_BUILDERS
+            or len(p.parts) > 2 or (len(p.parts) == 2 and Path(p.parts[0]).is_dir()))
+
+
 def load_prompt_dataset(cfg: PromptsConfig):  # -> datasets.Dataset
-    """A local file/directory or a hub dataset name, as a `datasets.Dataset` of the configured split."""
+    """A local file/directory or a hub dataset name, as a `datasets.Dataset` of the configured split.
+
+    A path that looks local (see `looks_local`) and does not exist fails at once, naming it; the hub is
+    asked only for names that cannot be local paths, or with the prefix "hub:"."""
+    raw = cfg.path
+    hub = raw.startswith(HUB_PREFIX)
+    name = raw[len(HUB_PREFIX):] if hub else raw
+    path = Path(name).expanduser()
+    if not hub and looks_local(name) and not path.exists():
+        near = sorted(p.name for p in path.parent.glob(f"*{path.suffix}"))[:5] if path.parent.is_dir() else []
+        raise UserError(f"prompts.path {raw}: no such file or directory ({path.resolve()})"
+                        + (f"; files there: {near}" if near else "")
+                        + "; point it at a .jsonl/.json/.parquet/.csv file, a dataset directory, "
+                        f"or a hub dataset as {HUB_PREFIX}org/name")
+    if not hub and path.is_file() and path.suffix not in _LOCAL_BUILDERS:
+        raise UserError(f"prompts.path {path}: unsupported file type {path.suffix!r} (use one of {sorted(_LOCAL_BUILDERS)})")
+    if not hub and path.is_file() and not path.read_bytes()[:65536].strip():
+        raise UserError(_empty_message(raw, cfg.split))
     import datasets
 
     datasets.disable_progress_bars()  # prompt files load in seconds; keep stderr for messages
-    path = Path(cfg.path)
     try:
-        if path.is_file():
-            builder = _LOCAL_BUILDERS.get(path.suffix)
-            if builder is None:
-                raise UserError(f"prompts.path {path}: unsupported file type {path.suffix!r} (use one of {sorted(_LOCAL_BUILDERS)})")
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        if hub:
+            ds = datasets.load_dataset(name, split=cfg.split)
+        elif path.is_file():
+            ds = datasets.load_dataset(_LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
         elif path.is_dir() and (path / "dataset_info.json").is_file():
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[cfg.split]
         elif path.is_dir():
             ds = datasets.load_dataset(str(path), split=cfg.split)
-        elif path.is_absolute() or cfg.path.startswith("."):
-            raise UserError(f"prompts.path {path} does not exist; point it at a .jsonl/.parquet file, a dataset directory or a hub name")
         else:
-            ds = datasets.load_dataset(cfg.path, split=cfg.split)
+            ds = datasets.load_dataset(name, split=cfg.split)
     except UserError:
         raise
     except Exception as e:  # datasets raises many types (offline hub, bad split, parse errors)
-        raise UserError(f"prompts.path {cfg.path!r} (split {cfg.split!r}) could not be loaded: {type(e).__name__}: {e}") from None
+        where = "hub dataset" if not path.exists() else "dataset"
+        detail = f"{type(e).__name__}: {e}".strip().rstrip(":")
+        if isinstance(e, (StopIteration, ValueError)) and "corresponds to no data" in str(e):
+            raise UserError(_empty_message(raw, cfg.split)) from None
+        raise UserError(f"prompts.path {raw!r} ({where}, split {cfg.split!r}) could not be loaded: {detail}") from None
+    if len(ds) == 0:
+        raise UserError(_empty_message(raw, cfg.split))
     if cfg.limit is not None:
         ds = ds.select(range(min(cfg.limit, len(ds))))
     return ds
+
+
+def _empty_message(path: str, split: str) -> str:
+    return (f"prompts.path {path}: the dataset is empty (no rows{'' if Path(path).is_file() else f' in split {split!r}'}); "
+            f"point prompts.path at a file with one prompt per row (JSON lines: {{\"prompt\": \"...\"}})")
 
 
 def _template_fields(template: str) -> set[str]:

@@ -108,6 +108,46 @@ def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
         return f.read(columns=columns)
 
 
+def shard_files(stage_dir: Path) -> list[Path]:
+    """The finished shard files present in a stage directory (temporary ones start with a dot)."""
+    return sorted(Path(stage_dir).glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"))
+
+
+def _run_dir_of(stage_dir: Path) -> Path:
+    return Path(stage_dir).resolve().parent.parent  # RUN_DIR/round-NNNN/STAGE
+
+
+def missing_manifest_message(stage_dir: Path) -> str:
+    n = len(shard_files(stage_dir))
+    if n == 0:
+        return f"{stage_dir} has no manifest.json: this stage has not run yet"
+    return (f"{stage_dir} holds {n} shard file(s) but no manifest.json (deleted or lost), so none of them counts as done; "
+            f"run `eopd-pipe status {_run_dir_of(stage_dir)} --repair` to check each shard and rebuild the manifest, "
+            f"or delete {stage_dir} to redo the stage")
+
+
+def corrupt_manifest_message(path: Path, problem: str) -> str:
+    stage_dir = Path(path).parent
+    return (f"{path} is corrupted ({problem}); run `eopd-pipe status {_run_dir_of(stage_dir)} --repair` to check each "
+            f"shard and rebuild it (the shards are kept), or delete {stage_dir} to redo the stage")
+
+
+def manifest_problem(data: Any) -> str | None:
+    """What is wrong with a parsed manifest's structure, or None."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    missing = [k for k in ("num_shards", "plan", "shards", "complete") if k not in data]
+    if missing:
+        return f"keys {missing} missing"
+    if not isinstance(data["num_shards"], int) or not isinstance(data["shards"], dict):
+        return "num_shards or shards of the wrong type"
+    for name, rec in data["shards"].items():
+        if not (isinstance(rec, dict) and {"rows", "bytes", "sha256"} <= set(rec) and len(name) == 18
+                and name.startswith("part-") and name[5:10].isdigit()):
+            return f"bad shard record {name!r}"
+    return None
+
+
 class Manifest:
     """`STAGE_DIR/manifest.json`: the plan (number of shards) and each finished shard's record.
 
@@ -125,11 +165,17 @@ class Manifest:
 
     def read(self) -> dict[str, Any]:
         try:
-            return json.loads(self.path.read_text())
+            text = self.path.read_text()
         except FileNotFoundError:
-            raise UserError(f"{self.stage_dir} has no manifest.json: this stage has not run yet") from None
+            raise UserError(missing_manifest_message(self.stage_dir)) from None
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{self.path} is not valid JSON ({e}); delete the stage directory to redo it") from None
+            raise UserError(corrupt_manifest_message(self.path, f"not valid JSON: {e}")) from None
+        problem = manifest_problem(data)
+        if problem:
+            raise UserError(corrupt_manifest_message(self.path, problem))
+        return data
 
     def _write(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
@@ -138,6 +184,8 @@ class Manifest:
         """Create the manifest, or check that an existing one was made for the same plan."""
         (self.stage_dir / ".locks").mkdir(parents=True, exist_ok=True)
         with self._lock:
+            if not self.exists() and shard_files(self.stage_dir):
+                raise UserError(missing_manifest_message(self.stage_dir))  # a fresh manifest would hide them
             if self.exists():
                 data = self.read()
                 if data["num_shards"] != num_shards or data["plan"] != plan:
@@ -176,6 +224,8 @@ def require_complete(stage_dir: Path, what: str, fix: str) -> dict[str, Any]:
     """The manifest of a finished stage, or a UserError saying what is missing and how to finish it."""
     manifest = Manifest(stage_dir)
     if not manifest.exists():
+        if shard_files(stage_dir):
+            raise UserError(missing_manifest_message(stage_dir))
         raise UserError(f"no {what} at {stage_dir}; {fix}")
     data = manifest.read()
     if not data.get("complete"):

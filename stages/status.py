@@ -1,18 +1,107 @@
-"""`eopd-pipe status`: what is done, per round, stage and shard. Reads only the run directory."""
+"""`eopd-pipe status`: one screen saying where a run stands. Reads only the run directory (and, for
+"who is working on it", the OS's lock table); `--repair` rebuilds lost or corrupted manifests.
+
+Per round: each sharded stage (shards done / planned, rows, tokens, size, shards being written now and
+by which process), training (steps logged, the last complete checkpoint, whether a process trains it
+now), whether the student is written, and the round's health figures and warnings (pipeline/health.py).
+Workers are found through /proc/locks (the shard and train locks are OS file locks), so only those on
+this machine are named.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
+from pipeline.errors import UserError
+from pipeline.health import health_warnings, round_health
 from pipeline.rundir import STAGES, RunDir
-from pipeline.shards import Manifest
+from pipeline.shards import (SCHEMA_VERSION, Manifest, ShardInfo, manifest_problem, schema_metadata, sha256_file,
+                             shard_files, shard_name)
+
+CHECKPOINT_DONE = "COMPLETE"  # pipeline.training.CHECKPOINT_DONE (not imported: it pulls in torch)
+STAGE_COMMAND = {"rollouts": "rollout", "teacher": "score-teacher"}
+# The columns each stage's shards must have (DESIGN.md, "Shard schemas"), with their Arrow types.
+REQUIRED_COLUMNS = {
+    "rollouts": {"prompt_id": "string", "sample_index": "int32", "prompt_token_ids": "list<item: int32>",
+                 "response_token_ids": "list<item: int32>", "response_logprobs": "list<item: float>",
+                 "finish_reason": "string", "policy_round": "int32"},
+}
+REQUIRED_COLUMNS["teacher"] = {**REQUIRED_COLUMNS["rollouts"], "teacher_entropy": "list<item: float>",
+                               "teacher_token_logprob": "list<item: float>", "teacher_topk_ids": None,
+                               "teacher_topk_logprobs": None}  # None: the codec decides the type
 
 
-def stage_line(run: RunDir, r: int, stage: str) -> str:
-    m = Manifest(run.stage_dir(r, stage))
+# ----------------------------------------------------------------------------- who holds a lock
+
+
+def lock_holders() -> dict[tuple[int, int], int]:
+    """(device, inode) -> pid of every file lock held on this machine (empty where /proc/locks is not)."""
+    held = {}
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return held
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 6 or parts[1] == "->":  # "->": a process waiting for the lock, not holding it
+            continue
+        try:
+            major, minor, inode = parts[5].split(":")
+            held[(os.makedev(int(major, 16), int(minor, 16)), int(inode))] = int(parts[4])
+        except ValueError:
+            continue
+    return held
+
+
+def holder(path: Path, held: dict[tuple[int, int], int]) -> int | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return held.get((st.st_dev, st.st_ino))
+
+
+def describe_process(pid: int) -> str:
+    """"pid 123: eopd-pipe rollout runs/demo --worker 0/2" (the command line as far as it is readable)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"pid {pid}"
+    args = [a for a in args if a]
+    for i, a in enumerate(args):
+        if a.endswith("eopd-pipe") or a == "pipeline.cli":
+            return f"pid {pid}: eopd-pipe {' '.join(args[i + 1:])}"
+    return f"pid {pid}: {' '.join(args)[:80]}"
+
+
+# ----------------------------------------------------------------------------- the screen
+
+
+def stage_line(run: RunDir, r: int, stage: str, held: dict) -> tuple[str, bool]:
+    """(the stage's line, whether a process works on it now)."""
+    stage_dir = run.stage_dir(r, stage)
+    busy = sorted((int(p.name[5:10]), pid) for p in (stage_dir / ".locks").glob("part-*.parquet.lock")
+                  if (pid := holder(p, held)) is not None) if stage_dir.is_dir() else []
+    now = ""
+    if busy:
+        by: dict[int, list[int]] = {}
+        for shard, pid in busy:
+            by.setdefault(pid, []).append(shard)
+        now = "; being written: " + ", ".join(f"shard(s) {s} by {describe_process(pid)}" for pid, s in by.items())
+    m = Manifest(stage_dir)
     if not m.exists():
-        return f"  {stage:<9} not started"
-    data = m.read()
+        files = shard_files(stage_dir)
+        if files:
+            return (f"  {stage:<9} {len(files)} shard file(s) but no manifest.json: run `eopd-pipe status {run.root} "
+                    f"--repair` to check them and rebuild it{now}"), bool(busy)
+        return f"  {stage:<9} not started{now}", bool(busy)
+    try:
+        data = m.read()
+    except UserError:
+        return (f"  {stage:<9} manifest.json is corrupted: run `eopd-pipe status {run.root} --repair` to check the "
+                f"shards and rebuild it{now}"), bool(busy)
     shards = data["shards"]
     rows = sum(s["rows"] for s in shards.values())
     tokens = sum(s.get("tokens", 0) for s in shards.values())
@@ -20,55 +109,248 @@ def stage_line(run: RunDir, r: int, stage: str) -> str:
     state = "complete" if data["complete"] else "partial"
     line = f"  {stage:<9} {state:<8} {len(shards)}/{data['num_shards']} shards, {rows} rows, {tokens} tokens, {mib:.1f} MiB"
     if not data["complete"]:
-        missing = sorted(set(range(data["num_shards"])) - {int(n[5:10]) for n in shards})
-        line += f"; missing shards {missing[:10]}{' …' if len(missing) > 10 else ''}"
-    return line
+        missing = sorted(set(range(data["num_shards"])) - {int(n[5:10]) for n in shards} - {s for s, _ in busy})
+        if missing:
+            line += f"; to do: {missing[:10]}{' …' if len(missing) > 10 else ''}"
+    return line + now, bool(busy)
 
 
-def train_line(run: RunDir, r: int) -> str:
+def checkpoints(train_dir: Path) -> list[Path]:
+    return sorted(p for p in (train_dir / "checkpoints").glob("step-[0-9]*") if (p / CHECKPOINT_DONE).is_file())
+
+
+def train_line(run: RunDir, r: int, held: dict) -> tuple[str, bool]:
     train_dir = run.stage_dir(r, "train")
-    ckpts = sorted((train_dir / "checkpoints").glob("step-*")) if train_dir.is_dir() else []
+    ckpts = checkpoints(train_dir) if train_dir.is_dir() else []
+    last_step = None
     metrics = train_dir / "metrics.jsonl"
-    last = None
     if metrics.is_file():
-        lines = metrics.read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else None
-    if not ckpts and last is None:
-        return f"  {'train':<9} not started"
-    step = f"step {last['step']}" if last else "no metrics"
-    return f"  {'train':<9} {step}; checkpoints: {', '.join(p.name for p in ckpts[-3:]) or 'none'}"
+        for line in reversed(metrics.read_text().splitlines()):
+            try:
+                last_step = json.loads(line)["step"]
+                break
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill
+    pid = holder(train_dir / ".lock", held)
+    written = (run.student_dir(r) / "config.json").is_file()
+    ckpt = f"last checkpoint {ckpts[-1].name}" if ckpts else "no complete checkpoint"
+    if pid is not None:
+        return f"  {'train':<9} training now ({describe_process(pid)}): step {last_step or 0} logged; {ckpt}", True
+    if written:
+        return f"  {'train':<9} done: {last_step if last_step is not None else '?'} steps; {ckpt}; student written", False
+    if last_step is None and not ckpts:
+        return f"  {'train':<9} not started", False
+    resume = f"resumes after {ckpts[-1].name}" if ckpts else "restarts from step 0"
+    return f"  {'train':<9} stopped at step {last_step or 0} ({ckpt}): the next `train`/`run` {resume}", False
 
 
-def status_text(run: RunDir) -> str:
+def status_text(run: RunDir, health: bool = True) -> str:
+    """The whole screen. With `health`, each round's health figures and warnings (reads two columns
+    of the round's shards)."""
     if not run.config_path.is_file():
         return f"{run.root}: no run here yet (no config.yaml)"
-    out = [f"run {run.root}"]
+    try:
+        import yaml
+
+        planned = (yaml.safe_load(run.config_path.read_text()) or {}).get("rounds")
+    except Exception:  # a broken config.yaml is the stage commands' to report, with the key and the fix
+        planned = None
     rounds = run.rounds_present()
+    out = [f"run {run.root}" + (f": {len(rounds)} of {planned} round(s) started" if planned else "")]
     if not rounds:
         out.append("  no round started")
+    held = lock_holders()
+    prev = round_health(run.root, rounds[0] - 1) if health and rounds and rounds[0] > 0 else None
     for r in rounds:
-        out.append(f"round {r}")
-        out += [stage_line(run, r, s) for s in STAGES]
-        out.append(train_line(run, r))
-        student = run.student_dir(r)
-        out.append(f"  {'student':<9} {'written' if (student / 'config.json').is_file() else 'not written'}")
+        lines, busy = [], False
+        for s in STAGES:
+            line, b = stage_line(run, r, s, held)
+            lines.append(line)
+            busy |= b
+        line, b = train_line(run, r, held)
+        lines.append(line)
+        busy |= b
+        done = (run.student_dir(r) / "config.json").is_file()
+        state = "done" if done else "in progress" if busy else "not running (interrupted or waiting)"
+        out.append(f"round {r}: {state}")
+        out += lines
+        if health:
+            h = round_health(run.root, r)
+            out.append(f"  {'health':<9} {h.summary()}")
+            out += [f"  warning: {w}" for w in health_warnings(h, prev)]
+            prev = h
+    evals = sorted((run.root / "eval").glob("*.json"))
+    if evals:
+        parts = []
+        for path in evals:
+            try:
+                res = json.loads(path.read_text())
+                pk = res["pass_at_k"]
+                ks = sorted(pk, key=int)
+                parts.append(f"{path.stem} pass@1 {100 * pk['1']:.1f} pass@{ks[-1]} {100 * pk[ks[-1]]:.1f}")
+            except (OSError, ValueError, KeyError, TypeError):
+                parts.append(f"{path.stem} (unreadable)")
+        out.append("eval: " + " | ".join(parts))
     return "\n".join(out)
 
 
-def verify_run(run: RunDir) -> list[str]:
-    """Check every recorded shard's sha256; returns one problem line per bad shard."""
-    from pipeline.shards import sha256_file
+# ----------------------------------------------------------------------------- --verify
 
+
+def verify_run(run: RunDir) -> list[str]:
+    """Check every recorded shard's sha256; returns one problem line per bad shard or manifest."""
     problems = []
     for r in run.rounds_present():
         for stage in STAGES:
             m = Manifest(run.stage_dir(r, stage))
             if not m.exists():
+                if shard_files(m.stage_dir):
+                    problems.append(f"{m.stage_dir}: shard files but no manifest.json; run `eopd-pipe status {run.root} --repair`")
                 continue
-            for name, rec in sorted(m.read()["shards"].items()):
+            try:
+                data = m.read()
+            except UserError as e:
+                problems.append(str(e))
+                continue
+            for name, rec in sorted(data["shards"].items()):
                 path = m.stage_dir / name
                 if not path.is_file():
-                    problems.append(f"{path}: missing (rerun `eopd-pipe {'rollout' if stage == 'rollouts' else 'score-teacher'}` to redo it)")
+                    problems.append(f"{path}: missing (rerun `eopd-pipe {STAGE_COMMAND[stage]}` to redo it)")
                 elif sha256_file(path) != rec["sha256"]:
                     problems.append(f"{path}: corrupted (sha256 differs from the manifest); delete it and rerun the stage to redo it")
     return problems
+
+
+# ----------------------------------------------------------------------------- --repair
+
+
+def check_shard_file(path: Path, stage: str, r: int) -> tuple[ShardInfo, dict[str, str]] | str:
+    """A shard file's record (rows, bytes, sha256, tokens) and footer keys, after reading every page and
+    checking its columns and footer; or what is wrong with it."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.shards import read_parquet
+
+    try:
+        table = read_parquet(path)  # every page decompressed: a truncated or damaged file fails here
+    except (OSError, pa.ArrowInvalid) as e:
+        return f"not readable as Parquet ({e})"
+    meta = schema_metadata(table.schema)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        return f"schema version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION!r}"
+    if meta.get("stage") != stage or meta.get("round") != str(r):
+        return f"written by stage {meta.get('stage')!r} round {meta.get('round')!r}, found in {stage} of round {r}"
+    for col, typ in REQUIRED_COLUMNS[stage].items():
+        if col not in table.column_names:
+            return f"column {col!r} missing"
+        if typ is not None and str(table.schema.field(col).type) != typ:
+            return f"column {col!r} is {table.schema.field(col).type}, expected {typ}"
+    tokens = int(pc.sum(pc.list_value_length(table.column("response_token_ids"))).as_py() or 0)
+    return ShardInfo(table.num_rows, path.stat().st_size, sha256_file(path), tokens), meta
+
+
+def _plan(run: RunDir, r: int, stage: str, metas: list[dict[str, str]]) -> tuple[int, dict] | str:
+    """The stage's plan as the stage command computes it (so that its next call accepts the rebuilt
+    manifest), or why it cannot be rebuilt."""
+    if stage == "teacher":
+        rollouts = Manifest(run.stage_dir(r, "rollouts"))
+        try:
+            data = rollouts.read()
+        except UserError:
+            return f"round {r}'s rollouts manifest is not readable (repair the rollouts first)"
+        names = sorted(data["shards"])
+        ks = {m.get("k") for m in metas}
+        codecs = {m.get("topk_codec") for m in metas}
+        if len(ks) != 1 or len(codecs) != 1:
+            return f"shards disagree on k {sorted(map(str, ks))} or codec {sorted(map(str, codecs))}"
+        return len(names), {"rollout_shards": {n: data["shards"][n]["sha256"] for n in names}, "k": int(ks.pop()),
+                            "codec": codecs.pop()}
+    import yaml
+
+    from pipeline.prompts import round_prompt_indices
+    from pipeline.shards import read_parquet
+
+    try:
+        cfg = yaml.safe_load(run.config_path.read_text())
+        prompts = read_parquet(run.prompts_dir / "prompts.parquet", ["prompt_id"]).num_rows
+        per_round, per_shard = cfg["prompts"].get("prompts_per_round"), cfg["rollout"]["prompts_per_shard"]
+        seed = cfg["seed"]
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        return f"the plan needs config.yaml and prompts/prompts.parquet ({type(e).__name__}: {e})"
+    count = len(round_prompt_indices(prompts, per_round, seed, r))
+    policies = {m.get("policy") for m in metas}
+    if len(policies) != 1:
+        return f"shards disagree on the policy that sampled them: {sorted(map(str, policies))}"
+    rows = [min(per_shard, count - s) for s in range(0, count, per_shard)]
+    return len(rows), {"prompts": prompts, "rows_per_shard": rows, "policy": policies.pop()}
+
+
+def repair_stage(run: RunDir, r: int, stage: str, held: dict) -> list[str]:
+    """Rebuild a missing or corrupted manifest from the shards that pass `check_shard_file`; a shard
+    that fails is renamed to NAME.bad (kept for a look, redone by the stage). Returns report lines."""
+    stage_dir = run.stage_dir(r, stage)
+    m = Manifest(stage_dir)
+    files = shard_files(stage_dir)
+    if m.exists():
+        try:
+            m.read()
+            return [f"round {r} {stage}: manifest.json is fine (`--verify` checks the shards' checksums)"]
+        except UserError:
+            pass
+    elif not files:
+        return []
+    busy = [p for p in (stage_dir / ".locks").glob("*.lock") if holder(p, held) is not None]
+    if busy:
+        raise UserError(f"{stage_dir} is being written by {describe_process(holder(busy[0], held))}; "
+                        f"stop it (or let it finish) before `status --repair`")
+    good: dict[int, ShardInfo] = {}
+    metas, report = [], []
+    for path in files:
+        checked = check_shard_file(path, stage, r)
+        if isinstance(checked, str):
+            bad = path.with_name(path.name + ".bad")
+            os.replace(path, bad)
+            report.append(f"round {r} {stage}: {path.name}: {checked}; moved to {bad.name}, the stage will redo it")
+            continue
+        good[int(path.name[5:10])] = checked[0]
+        metas.append(checked[1])
+    if not good:
+        m.path.unlink(missing_ok=True)
+        return report + [f"round {r} {stage}: no usable shard; the manifest is removed and the stage starts afresh"]
+    plan = _plan(run, r, stage, metas)
+    if isinstance(plan, str):
+        raise UserError(f"{stage_dir}: cannot rebuild manifest.json: {plan}; or delete {stage_dir} to redo the stage")
+    num_shards, plan = plan
+    extra = sorted(i for i in good if i >= num_shards)
+    if extra:
+        raise UserError(f"{stage_dir}: shards {extra} lie beyond the {num_shards} shards of the plan; "
+                        f"delete {stage_dir} to redo the stage")
+    if stage == "rollouts":
+        n = next(int(x["n"]) for x in metas if "n" in x) if any("n" in x for x in metas) else None
+        wrong = [shard_name(i) for i, info in good.items() if n is not None and info.rows != plan["rows_per_shard"][i] * n]
+        if wrong:
+            raise UserError(f"{stage_dir}: shards {wrong} do not have the rows the plan gives them; "
+                            f"delete {stage_dir} to redo the stage")
+    data = {"num_shards": num_shards, "plan": plan, "shards": {shard_name(i): good[i].to_json() for i in sorted(good)},
+            "complete": len(good) == num_shards}
+    assert manifest_problem(data) is None
+    (stage_dir / ".locks").mkdir(exist_ok=True)
+    with m._lock:
+        m._write(data)
+    state = "complete" if data["complete"] else f"{num_shards - len(good)} shard(s) still to do"
+    return report + [f"round {r} {stage}: manifest.json rebuilt from {len(good)} checked shard(s) ({state})"]
+
+
+def repair_run(run: RunDir) -> list[str]:
+    """`status --repair` over every round and sharded stage (rollouts before teacher: the teacher plan
+    names the rollout shards)."""
+    if not run.config_path.is_file():
+        raise UserError(f"{run.root}: no run here (no config.yaml); nothing to repair")
+    held = lock_holders()
+    report = []
+    for r in run.rounds_present():
+        for stage in STAGES:
+            report += repair_stage(run, r, stage, held)
+    return report or ["nothing to repair: no stage directory has shards"]
+
