@@ -120,3 +120,35 @@ def chunked_token_stats(hidden: Tensor, lm_head_weight: Tensor, target_ids: Tens
         out.entropy[t0:t1] = s.log() - a / s
         out.target_logprob[t0:t1] = tgt_logit - log_z
     return out
+
+
+class OutsideRows(NamedTuple):
+    topk_outside: Tensor  # [T] bool: a left-out row would have been among the top-k
+    mass_outside: Tensor  # [T] float32: probability the full head puts on the left-out rows
+
+
+@torch.no_grad()
+def outside_rows(hidden: Tensor, lm_head_weight: Tensor, rows: int, stats: TokenStats,
+                 lm_head_bias: Tensor | None = None) -> OutsideRows:
+    """What scoring over the first `rows` rows of a head with more rows left out, per position.
+
+    `stats` are chunked_token_stats over W[:rows]. With z the logits, logZ_r the log-sum-exp over
+    the kept rows (z of the top-1 id minus its log-prob) and E = W[rows:] (small: e.g. the 128
+    rows Qwen2.5-7B has beyond Qwen2.5-1.5B):
+        topk_outside = max_e z_e - logZ_r > k-th kept log-prob
+        mass_outside = sum_e exp(z_e - logZ),  logZ = logaddexp(logZ_r, logsumexp_e z_e)
+    """
+    T = hidden.shape[0]
+    if rows >= lm_head_weight.shape[0]:
+        return OutsideRows(torch.zeros(T, dtype=torch.bool, device=hidden.device),
+                           torch.zeros(T, dtype=torch.float32, device=hidden.device))
+    h = hidden.float()
+    extra = h @ lm_head_weight[rows:].float().T  # [T, V - rows]
+    top1 = (h * lm_head_weight[stats.topk_ids[:, 0]].float()).sum(-1)
+    if lm_head_bias is not None:
+        extra += lm_head_bias[rows:].float()
+        top1 += lm_head_bias[stats.topk_ids[:, 0]].float()
+    log_z_kept = top1 - stats.topk_logprobs[:, 0]
+    lse_extra = torch.logsumexp(extra, -1)
+    log_z = torch.logaddexp(log_z_kept, lse_extra)
+    return OutsideRows(extra.max(-1).values - log_z_kept > stats.topk_logprobs[:, -1], (lse_extra - log_z).exp())

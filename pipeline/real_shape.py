@@ -72,6 +72,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                      num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)),
 }
 LOGIT_STD = 3.0  # std of a random head's logits: teacher entropies of a few nats, not ln(V)
+# Residual-branch outputs (o_proj, down_proj) scaled up so that the residual stream is mostly the
+# layers' output: with a tied head and a stream dominated by the current token's embedding, a
+# random model only repeats its last token (p ~ 1), which tells nothing about real sampling.
+RESIDUAL_GAIN = 4.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,12 @@ def make_model(shape: dict[str, Any], rows: int, eos_id: int, dtype: str, max_po
         torch.set_default_dtype(default)
     H = shape["hidden_size"]
     with torch.no_grad():
+        for name, mod in model.model.layers.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.normal_(0.0, 1.0 / math.sqrt(mod.in_features))
+                if name.endswith(("o_proj", "down_proj")):
+                    mod.weight.mul_(RESIDUAL_GAIN)
+                    mod.weight[0].zero_()  # hidden dimension 0 stays the embedding's constant (below)
         head = model.get_output_embeddings().weight
         head.normal_(0.0, LOGIT_STD / math.sqrt(H))
         # A constant in hidden dimension 0 of every input embedding keeps the final normed state's
@@ -173,7 +183,7 @@ def make_model(shape: dict[str, Any], rows: int, eos_id: int, dtype: str, max_po
         if eos_rate is not None:
             _calibrate_shift(model, [eos_id], eos_rate, seed)
         if boost_rows is not None:
-            _calibrate_shift(model, list(range(*boost_rows)), 0.3, seed)
+            _calibrate_shift(model, list(range(*boost_rows)), 0.1, seed)
     model.generation_config.do_sample = True
     model.generation_config.eos_token_id = eos_id
     return model

@@ -2,7 +2,10 @@
 top-k ids and log-probs (compressed), the exact full-vocabulary entropy, the sampled token's log-prob.
 
 Recipe:
-  1. the round's rollouts must be complete; teacher and student must share one vocabulary
+  1. the round's rollouts must be complete; teacher and student must share one vocabulary (tokenizer);
+     their embedding sizes may differ (Qwen2.5-7B+ have 152,064 rows, the smaller ones 151,936):
+     the teacher is then scored over the rows the student has, and what the left-out rows would
+     have contributed is counted per shard (a student with MORE rows than the teacher is refused)
   2. teacher shard i <- rollout shard i (read with its checksum verified)
   3. sequences sorted by length and packed into batches of at most `token_budget` padded tokens
   4. backbone forward -> final hidden states at the positions that predict response tokens ->
@@ -20,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm.auto import tqdm
 
-from eopd.teacher_stats import chunked_token_stats
+from eopd.teacher_stats import chunked_token_stats, outside_rows
 from pipeline.codec import DEFAULT_CODEC, get_codec
 from pipeline.config import Config, ScoreTeacherConfig
 from pipeline.errors import UserError
@@ -29,7 +33,7 @@ from pipeline.models import (check_model_dir, check_same_vocabulary, length_sort
                              response_hidden_states)
 from pipeline.prompts import tokenizer_fingerprint
 from pipeline.rundir import RunDir, freeze_config
-from pipeline.shards import read_shard, require_complete, verify_stage
+from pipeline.shards import META_PREFIX, read_shard, require_complete, verify_stage
 from pipeline.work import ShardResult, StageSummary, WorkerSpec, run_shards
 
 STAGE = "teacher"
@@ -54,6 +58,36 @@ def load_teacher(path: Path, cfg: ScoreTeacherConfig):
     return model.eval()
 
 
+def embedding_rows(path: Path, what: str) -> int:
+    """Rows of the model's input embedding and LM head (config `vocab_size`), read without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path))
+    except Exception as e:
+        raise UserError(f"{what} config at {path} could not be read: {type(e).__name__}: {e}") from None
+    return int(cfg.get_text_config().vocab_size)
+
+
+def scored_rows(student_rows: int, teacher_rows: int, tokenizer_entries: int, student_path: Path,
+                teacher_path: Path) -> int:
+    """How many LM-head rows the teacher is scored over: the rows both models have.
+
+    One tokenizer, different embedding sizes (e.g. a Qwen2.5-7B teacher, 152,064 rows, and a
+    Qwen2.5-1.5B student, 151,936): rows past the tokenizer's entries name no token, so
+    restricting the teacher to the student's rows changes its distribution only by the mass it
+    puts there (counted per shard). A student with more rows than the teacher is refused: it
+    could sample a row the teacher cannot score."""
+    if student_rows > teacher_rows:
+        raise UserError(f"the student ({student_path}) has {student_rows:,} embedding rows, the teacher ({teacher_path}) "
+                        f"only {teacher_rows:,}: the student can sample a row the teacher cannot score. Use a teacher "
+                        f"with at least the student's rows (same tokenizer), e.g. the larger model of the family")
+    if teacher_rows < tokenizer_entries or student_rows < tokenizer_entries:
+        raise UserError(f"the tokenizer has {tokenizer_entries:,} entries but the student has {student_rows:,} and the "
+                        f"teacher {teacher_rows:,} embedding rows; every token needs a row in both")
+    return student_rows
+
+
 def token_id_map(student_tok, teacher_tok, eos_map: dict[str, str]) -> dict[int, int]:
     """{student id: teacher id} from `eos_map`'s token strings (each must exist in the vocabulary)."""
     out = {}
@@ -68,11 +102,21 @@ def token_id_map(student_tok, teacher_tok, eos_map: dict[str, str]) -> dict[int,
 
 @torch.no_grad()
 def score_rows(model, prompts: list[list[int]], responses: list[list[int]], cfg: ScoreTeacherConfig,
-               id_map: dict[int, int]) -> tuple[list[tuple[np.ndarray, ...]], float]:
+               id_map: dict[int, int], rows: int | None = None,
+               counts: dict[str, float] | None = None) -> tuple[list[tuple[np.ndarray, ...]], float]:
     """Per row: (topk_ids [T,k], topk_logprobs [T,k], entropy [T], token_logprob [T]) as numpy;
-    and the seconds spent in the teacher (forward + statistics)."""
+    and the seconds spent in the teacher (forward + statistics).
+
+    `rows`: score over the LM head's first `rows` rows only (the rows the student has). `counts`
+    (if given) accumulates the positions where a left-out row would have been in the top-k, the
+    left-out mass (sum and max) and the positions whose top-k holds a row past `tokenizer_entries`
+    (set by the caller: rows no token names)."""
     head = model.get_output_embeddings()
     device = head.weight.device
+    rows = head.weight.shape[0] if rows is None else rows
+    weight = head.weight[:rows]  # a view: no copy of the head
+    bias = getattr(head, "bias", None)
+    entries = int(counts.get("tokenizer_entries", rows)) if counts is not None else rows
     inv_map = {t: s for s, t in id_map.items()}
     seqs = [p + [id_map.get(t, t) for t in r] for p, r in zip(prompts, responses)]
     results: list = [None] * len(seqs)
@@ -81,9 +125,18 @@ def score_rows(model, prompts: list[list[int]], responses: list[list[int]], cfg:
         t0 = time.perf_counter()
         hidden = response_hidden_states(model, [seqs[i] for i in batch], [len(prompts[i]) for i in batch], device)
         targets = torch.tensor([t for i in batch for t in seqs[i][len(prompts[i]):]], dtype=torch.long, device=device)
-        stats = chunked_token_stats(hidden, head.weight, targets, cfg.top_k,
+        stats = chunked_token_stats(hidden, weight, targets, cfg.top_k,
                                     token_chunk=cfg.token_chunk, vocab_chunk=cfg.vocab_chunk,
-                                    lm_head_bias=getattr(head, "bias", None))
+                                    lm_head_bias=None if bias is None else bias[:rows])
+        if counts is not None:
+            out = outside_rows(hidden, head.weight, rows, stats, bias)
+            counts["positions"] += stats.topk_ids.shape[0]
+            counts["topk_outside_student_rows"] += int(out.topk_outside.sum())
+            counts["mass_outside_sum"] += float(out.mass_outside.double().sum())
+            if out.mass_outside.numel():
+                counts["mass_outside_max"] = max(counts["mass_outside_max"], float(out.mass_outside.max()))
+            counts["topk_untokenized_rows"] += int((stats.topk_ids >= entries).any(1).sum())
+            counts["sampled_untokenized_rows"] += int((targets >= entries).sum())
         topk_ids = stats.topk_ids.cpu().numpy()  # .cpu() waits for the GPU: the engine time ends here
         engine_seconds += time.perf_counter() - t0
         for s, t in inv_map.items():  # report top-k in the student's ids
@@ -120,6 +173,8 @@ def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: Worker
     student_path = check_model_dir(cfg.student.path, "student")
     student_tok, teacher_tok = load_tokenizer(student_path, "student"), load_tokenizer(teacher_path, "teacher")
     check_same_vocabulary(student_tok, teacher_tok, student_path, teacher_path)
+    student_rows, teacher_rows = embedding_rows(student_path, "student"), embedding_rows(teacher_path, "teacher")
+    rows = scored_rows(student_rows, teacher_rows, len(teacher_tok), student_path, teacher_path)
     id_map = token_id_map(student_tok, teacher_tok, sc.eos_map)
     codec = get_codec(sc.codec or DEFAULT_CODEC)
     freeze_config(run, cfg, allow_config_change)
@@ -131,13 +186,62 @@ def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: Worker
         def compute(i: int) -> ShardResult:
             table = read_shard(rollout_dir, names[i], rollouts["shards"][names[i]])
             responses = table.column("response_token_ids").to_pylist()
-            scored, engine_seconds = score_rows(model, table.column("prompt_token_ids").to_pylist(), responses, sc, id_map)
+            counts = new_counts(len(teacher_tok))
+            scored, engine_seconds = score_rows(model, table.column("prompt_token_ids").to_pylist(), responses, sc,
+                                                id_map, rows, counts)
+            add_counts(totals, counts)
             # The top-k encoding runs in the shard writer thread, beside the next shard's forward.
-            return ShardResult(lambda: teacher_table(table, scored, codec, sc.top_k), sum(len(r) for r in responses), engine_seconds)
+            return ShardResult(lambda: with_counts(teacher_table(table, scored, codec, sc.top_k), counts),
+                               sum(len(r) for r in responses), engine_seconds)
         return compute
 
+    totals = new_counts(len(teacher_tok))
+
     meta = {"stage": STAGE, "round": str(round_index), "k": str(sc.top_k), "teacher": str(teacher_path),
-            "tokenizer_fingerprint": tokenizer_fingerprint(teacher_tok), **codec.metadata(sc.top_k)}
+            "tokenizer_fingerprint": tokenizer_fingerprint(teacher_tok), "teacher_rows": str(teacher_rows),
+            "scored_rows": str(rows), "tokenizer_entries": str(len(teacher_tok)), **codec.metadata(sc.top_k)}
     plan = {"rollout_shards": {n: rollouts["shards"][n]["sha256"] for n in names}, "k": sc.top_k, "codec": codec.name}
-    return run_shards(run.stage_dir(round_index, STAGE), len(names), plan, open_worker, meta, worker,
-                      desc=f"score-teacher round {round_index}")
+    if rows < teacher_rows:
+        tqdm.write(f"score-teacher: the teacher has {teacher_rows:,} embedding rows, the student {student_rows:,}: scoring "
+                   f"over the first {rows:,} (the tokenizer has {len(teacher_tok):,} entries); per shard the footer "
+                   f"counts what the {teacher_rows - rows:,} left-out rows would have changed")
+    summary = run_shards(run.stage_dir(round_index, STAGE), len(names), plan, open_worker, meta, worker,
+                         desc=f"score-teacher round {round_index}")
+    if totals["positions"]:
+        tqdm.write(count_line(totals, teacher_rows - rows))
+    return summary
+
+
+def new_counts(tokenizer_entries: int) -> dict[str, float]:
+    return {"tokenizer_entries": tokenizer_entries, "positions": 0, "topk_outside_student_rows": 0,
+            "mass_outside_sum": 0.0, "mass_outside_max": 0.0, "topk_untokenized_rows": 0, "sampled_untokenized_rows": 0}
+
+
+def add_counts(total: dict[str, float], part: dict[str, float]) -> None:
+    for key, value in part.items():
+        if key == "mass_outside_max":
+            total[key] = max(total[key], value)
+        elif key != "tokenizer_entries":
+            total[key] += value
+
+
+def with_counts(table: pa.Table, counts: dict[str, float]) -> pa.Table:
+    """The shard's own counts in its footer (write_shard keeps table metadata beside the stage's keys)."""
+    meta = dict(table.schema.metadata or {})
+    for key in ("positions", "topk_outside_student_rows", "topk_untokenized_rows", "sampled_untokenized_rows"):
+        meta[f"{META_PREFIX}{key}".encode()] = str(int(counts[key])).encode()
+    mean = counts["mass_outside_sum"] / max(counts["positions"], 1)
+    meta[f"{META_PREFIX}mass_outside_student_rows_mean".encode()] = f"{mean:.6g}".encode()
+    meta[f"{META_PREFIX}mass_outside_student_rows_max".encode()] = f"{counts['mass_outside_max']:.6g}".encode()
+    return table.replace_schema_metadata(meta)
+
+
+def count_line(c: dict[str, float], left_out: int) -> str:
+    n = int(c["positions"])
+    parts = [f"score-teacher: {n:,} positions scored now"]
+    if left_out:
+        parts.append(f"{int(c['topk_outside_student_rows']):,} with a left-out teacher row in the top-k (left out of "
+                     f"it), left-out mass mean {c['mass_outside_sum'] / n:.3g} max {c['mass_outside_max']:.3g}")
+    parts.append(f"{int(c['topk_untokenized_rows']):,} with a top-k row past the tokenizer's "
+                 f"{int(c['tokenizer_entries']):,} entries; {int(c['sampled_untokenized_rows']):,} sampled tokens there")
+    return "; ".join(parts)

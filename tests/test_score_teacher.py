@@ -112,3 +112,37 @@ def test_missing_and_corrupted_rollouts(scored, tmp_path):
     refused(run_cli("score-teacher", fresh), "part-00001.parquet is corrupted")
     assert not (fresh / "round-0000" / "teacher" / "part-00001.parquet").exists()
     refused(run_cli("score-teacher", fresh, "--round", "1"), "no round 1 rollouts", "eopd-pipe rollout")
+
+
+def test_outside_rows_against_a_full_log_softmax():
+    """A teacher head with more rows than the student: stats over the shared rows, and what the
+    left-out rows would have taken (top-k places, probability mass), against the full softmax."""
+    from eopd.teacher_stats import chunked_token_stats, outside_rows
+
+    g = torch.Generator().manual_seed(0)
+    T, H, V, rows, k = 40, 16, 300, 280, 5
+    hidden, w = torch.randn(T, H, generator=g), torch.randn(V, H, generator=g)
+    w[rows:] *= 1.5  # the left-out rows win often enough to be counted
+    targets = torch.randint(0, rows, (T,), generator=g)
+    stats = chunked_token_stats(hidden, w[:rows], targets, k, token_chunk=16)
+    out = outside_rows(hidden, w, rows, stats)
+    full = torch.log_softmax(hidden @ w.T, -1)
+    kept = torch.log_softmax(hidden @ w[:rows].T, -1)
+    assert torch.allclose(stats.topk_logprobs, kept.topk(k, -1).values, atol=1e-5)
+    assert torch.equal(out.topk_outside, (full.topk(k, -1).indices >= rows).any(-1))
+    assert torch.allclose(out.mass_outside, full[:, rows:].exp().sum(-1), atol=1e-5)
+    assert 0 < int(out.topk_outside.sum()) < T
+    none = outside_rows(hidden, w[:rows], rows, stats)
+    assert not none.topk_outside.any() and not none.mass_outside.any()
+
+
+def test_scored_rows_refuses_a_student_wider_than_its_teacher(tmp_path):
+    from pipeline.errors import UserError
+    from stages.score_teacher import scored_rows
+
+    assert scored_rows(151_936, 152_064, 151_669, tmp_path / "s", tmp_path / "t") == 151_936
+    assert scored_rows(151_936, 151_936, 151_669, tmp_path / "s", tmp_path / "t") == 151_936
+    with pytest.raises(UserError, match="cannot score"):
+        scored_rows(152_064, 151_936, 151_669, tmp_path / "s", tmp_path / "t")
+    with pytest.raises(UserError, match="every token needs a row"):
+        scored_rows(151_000, 152_064, 151_669, tmp_path / "s", tmp_path / "t")
