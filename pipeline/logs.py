@@ -10,7 +10,8 @@ While a capture is active (`with capture_logs(RUN_DIR / "logs" / "rollout.log"):
 - every logging handler a library binds to the terminal (vLLM's, transformers', datasets',
   DeepSpeed's, torch's), now or later in the capture, is re-pointed at the log; loggers that
   propagate reach a root handler writing to the log; `warnings` are routed into logging;
-- records of level ERROR and above are also shown on the terminal, with the log file's path.
+- records of level ERROR and above are also shown on the terminal, with the log file's path;
+- progress bars that libraries create (vLLM's weight loading, transformers') go to the log; ours stay.
 
 Captures nest (the innermost one's log is active), so one process can give each stage its own log
 (`eopd-pipe run` with persistent engines). A stage started as a child process (`eopd-pipe run`
@@ -19,8 +20,8 @@ EOPD_TERMINAL_STDOUT / EOPD_TERMINAL_STDERR (/proc/PID/fd/N paths), then capture
 
 `-v/--verbose` (EOPD_VERBOSE=1) turns capturing off: everything goes to the terminal as before.
 
-A log is appended to, one header line per call. A call refused with a UserError removes a log it
-created (a refused call leaves the run directory as it was; its message says everything). When the
+A log is appended to, one header line per call. A call refused with a UserError takes its lines back
+out (a refused call leaves the run directory as it was; its message says everything). When the
 log's directory must not be created yet (a run directory a refused call must not leave behind), the
 capture writes to a temporary file and moves it into place as soon as that directory exists.
 """
@@ -203,6 +204,46 @@ def _add_handler(self: logging.Logger, handler: logging.Handler) -> None:
     _ORIGINAL_ADD_HANDLER(self, handler)
 
 
+OWN_PACKAGES = ("pipeline", "stages", "eopd", "bench", "__main__")  # whose progress bars stay on the terminal
+_ORIGINAL_TQDM_INIT = None
+
+
+def _creator_is_ours() -> bool:
+    """Whether the code creating a tqdm bar (the first frame outside tqdm) belongs to eopd-pipe."""
+    frame = sys._getframe(2)
+    while frame is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] == "tqdm":
+        frame = frame.f_back
+    name = str(frame.f_globals.get("__name__", "")) if frame is not None else ""
+    return name.split(".")[0] in OWN_PACKAGES
+
+
+def _patch_tqdm() -> None:
+    """Library progress bars (vLLM's weight loading, transformers' shards) go to the log; ours, and any
+    bar given an explicit `file`, stay where they are."""
+    global _ORIGINAL_TQDM_INIT
+    try:
+        import tqdm.std
+    except ImportError:
+        return
+    original = _ORIGINAL_TQDM_INIT = tqdm.std.tqdm.__init__
+
+    def __init__(self, *args, **kwargs):
+        if _STACK and kwargs.get("file") is None and len(args) < 5 and not _creator_is_ours():
+            kwargs["file"] = sys.__stderr__
+        original(self, *args, **kwargs)
+
+    tqdm.std.tqdm.__init__ = __init__
+
+
+def _unpatch_tqdm() -> None:
+    global _ORIGINAL_TQDM_INIT
+    if _ORIGINAL_TQDM_INIT is not None:
+        import tqdm.std
+
+        tqdm.std.tqdm.__init__ = _ORIGINAL_TQDM_INIT
+        _ORIGINAL_TQDM_INIT = None
+
+
 def _start_routing() -> None:
     global _ROOT_HANDLER, _SAVED_ROOT_LEVEL
     logging.Logger.addHandler = _add_handler
@@ -219,6 +260,7 @@ def _start_routing() -> None:
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     logging.captureWarnings(True)
+    _patch_tqdm()
 
 
 def _stop_routing() -> None:
@@ -231,6 +273,7 @@ def _stop_routing() -> None:
     if _SAVED_ROOT_LEVEL is not None:
         root.setLevel(_SAVED_ROOT_LEVEL)
     logging.captureWarnings(False)
+    _unpatch_tqdm()
 
 
 # ----------------------------------------------------------------------------- captures
@@ -250,6 +293,7 @@ class _Capture:
         self.final = Path(path)
         self.only_inside = Path(only_inside) if only_inside is not None else None
         self.created = False  # this call created the final log file
+        self.start = 0  # the final log's size before this call wrote to it
         self.fd = -1
         self.temp: Path | None = None
         self.poller: threading.Thread | None = None
@@ -268,13 +312,17 @@ class _Capture:
             self.fd, self.temp = fd, Path(name)
             self.poller = threading.Thread(target=self._poll, name="eopd-log-adopt", daemon=True)
         os.write(self.fd, header.encode())
+        if self.temp is None:
+            self.start = os.lseek(self.fd, 0, os.SEEK_CUR) - len(header.encode())
         if self.poller is not None:
             self.poller.start()
 
     def _open_final(self) -> int:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.created = not self.final.exists()
-        return os.open(self.final, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.final, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self.start = os.fstat(fd).st_size  # where this call's part begins (a refusal cuts it off again)
+        return fd
 
     def _poll(self) -> None:
         while not self.stop.wait(POLL_SECONDS):
@@ -316,6 +364,10 @@ class _Capture:
         if self.temp is not None and self.only_inside is not None and self.only_inside.is_dir() and not refused:
             self.adopt()
         with _LOCK:
+            if refused and self.temp is None and not self.created:
+                # Cut this call's lines off again, unless another process appended after them.
+                if os.fstat(self.fd).st_size == os.lseek(self.fd, 0, os.SEEK_CUR):
+                    os.ftruncate(self.fd, self.start)
             os.close(self.fd)
             self.fd = -1
             if self.temp is not None:
@@ -355,7 +407,9 @@ def _enter(cap: _Capture) -> None:
     with _LOCK:
         term = _terminal()
         _flush_all()
-        cap.open(f"===== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join(sys.argv)}\n")
+        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+        prog = "eopd-pipe" if prog in ("eopd-pipe", "cli.py") else prog
+        cap.open(f"===== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: {' '.join([prog] + sys.argv[1:])}\n")
         if not _STACK:
             _ORIGINAL_FDS = (os.dup(1), os.dup(2))
         _STACK.append(cap)

@@ -22,15 +22,22 @@ from pipeline.shards import (SCHEMA_VERSION, Manifest, ShardInfo, manifest_probl
 
 CHECKPOINT_DONE = "COMPLETE"  # pipeline.training.CHECKPOINT_DONE (not imported: it pulls in torch)
 STAGE_COMMAND = {"rollouts": "rollout", "teacher": "score-teacher"}
-# The columns each stage's shards must have (DESIGN.md, "Shard schemas"), with their Arrow types.
+# The columns each stage's shards must have (DESIGN.md, "Shard schemas"): Arrow type names, "list<T>"
+# for lists (whatever the item field is called), None where the codec decides the type.
 REQUIRED_COLUMNS = {
-    "rollouts": {"prompt_id": "string", "sample_index": "int32", "prompt_token_ids": "list<item: int32>",
-                 "response_token_ids": "list<item: int32>", "response_logprobs": "list<item: float>",
+    "rollouts": {"prompt_id": "string", "sample_index": "int32", "prompt_token_ids": "list<int32>",
+                 "response_token_ids": "list<int32>", "response_logprobs": "list<float>",
                  "finish_reason": "string", "policy_round": "int32"},
 }
-REQUIRED_COLUMNS["teacher"] = {**REQUIRED_COLUMNS["rollouts"], "teacher_entropy": "list<item: float>",
-                               "teacher_token_logprob": "list<item: float>", "teacher_topk_ids": None,
-                               "teacher_topk_logprobs": None}  # None: the codec decides the type
+REQUIRED_COLUMNS["teacher"] = {**REQUIRED_COLUMNS["rollouts"], "teacher_entropy": "list<float>",
+                               "teacher_token_logprob": "list<float>", "teacher_topk_ids": None,
+                               "teacher_topk_logprobs": None}
+
+
+def type_name(t) -> str:
+    import pyarrow as pa
+
+    return f"list<{t.value_type}>" if pa.types.is_list(t) or pa.types.is_large_list(t) else str(t)
 
 
 # ----------------------------------------------------------------------------- who holds a lock
@@ -73,7 +80,7 @@ def describe_process(pid: int) -> str:
     for i, a in enumerate(args):
         if a.endswith("eopd-pipe") or a == "pipeline.cli":
             return f"pid {pid}: eopd-pipe {' '.join(args[i + 1:])}"
-    return f"pid {pid}: {' '.join(args)[:80]}"
+    return f"pid {pid}: {' '.join([Path(args[0]).name] + args[1:])[:100]}" if args else f"pid {pid}"
 
 
 # ----------------------------------------------------------------------------- the screen
@@ -89,7 +96,7 @@ def stage_line(run: RunDir, r: int, stage: str, held: dict) -> tuple[str, bool]:
         by: dict[int, list[int]] = {}
         for shard, pid in busy:
             by.setdefault(pid, []).append(shard)
-        now = "; being written: " + ", ".join(f"shard(s) {s} by {describe_process(pid)}" for pid, s in by.items())
+        now = "; in progress: " + ", ".join(f"shard(s) {s} by {describe_process(pid)}" for pid, s in by.items())
     m = Manifest(stage_dir)
     if not m.exists():
         files = shard_files(stage_dir)
@@ -244,8 +251,8 @@ def check_shard_file(path: Path, stage: str, r: int) -> tuple[ShardInfo, dict[st
     for col, typ in REQUIRED_COLUMNS[stage].items():
         if col not in table.column_names:
             return f"column {col!r} missing"
-        if typ is not None and str(table.schema.field(col).type) != typ:
-            return f"column {col!r} is {table.schema.field(col).type}, expected {typ}"
+        if typ is not None and type_name(table.schema.field(col).type) != typ:
+            return f"column {col!r} is {type_name(table.schema.field(col).type)}, expected {typ}"
     tokens = int(pc.sum(pc.list_value_length(table.column("response_token_ids"))).as_py() or 0)
     return ShardInfo(table.num_rows, path.stat().st_size, sha256_file(path), tokens), meta
 

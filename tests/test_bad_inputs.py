@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import yaml
 
-from conftest import run_cli, tree_snapshot, write_config
+from conftest import REPO, run_cli, tree_snapshot, write_config
 from pipeline.work import ShardResult, run_shards
 
 
@@ -78,3 +80,56 @@ def test_corrupted_shard_is_named(tmp_path, run):
     before = tree_snapshot(run)
     assert_refused(run_cli("status", run, "--verify"), "part-00001.parquet: corrupted", "delete it and rerun")
     assert tree_snapshot(run) == before
+
+
+def test_missing_local_prompt_file_fails_at_once(toy, tmp_path, run):
+    """A typo in a local file name is said at once, naming the file; the hub is not asked (it would
+    retry for half a minute, then blame the hub)."""
+    cfg = write_config(tmp_path / "c.yaml", toy)
+    t0 = time.time()
+    res = run_cli("rollout", run, "--config", cfg, "--set", "prompts.path=nope.jsonl", env={"HF_HUB_OFFLINE": "0"})
+    assert_refused(res, "prompts.path nope.jsonl: no such file or directory", str(REPO / "nope.jsonl"))
+    assert "Hub" not in res.stderr and time.time() - t0 < 60  # datasets' "Couldn't reach 'nope.jsonl' on the Hub"
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("content", ["", "\n\n"])
+def test_empty_prompt_file(toy, tmp_path, run, content):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content)
+    cfg = write_config(tmp_path / "c.yaml", toy, prompts={"path": str(empty)})
+    assert_refused(run_cli("rollout", run, "--config", cfg), f"prompts.path {empty}: the dataset is empty",
+                   "one prompt per row")
+    assert not run.exists()
+
+
+def test_model_path_local_or_hub(toy, tmp_path, run):
+    # Two parts, but the first is a local directory: a local path, so it fails at once, named.
+    cfg = write_config(tmp_path / "c.yaml", toy, student={"path": "tests/no-such-model"})
+    assert_refused(run_cli("rollout", run, "--config", cfg), "student model directory tests/no-such-model",
+                   str(REPO / "tests" / "no-such-model"), "does not exist")
+    # Only a hub name can be meant: the hub is asked (offline here), and the message says both.
+    cfg = write_config(tmp_path / "c.yaml", toy, student={"path": "no-such-org/no-such-model"})
+    assert_refused(run_cli("rollout", run, "--config", cfg), "student.path 'no-such-org/no-such-model'",
+                   "no local directory", "offline")
+    assert not run.exists()
+
+
+def test_manifest_deleted_or_corrupted(scored, tmp_path):
+    """Shards present but manifest.json deleted, or manifest.json corrupted: one message naming the
+    stage directory, what is wrong, and the fix (status --repair, or delete the stage)."""
+    run = tmp_path / "run"
+    shutil.copytree(scored[1], run)
+    rollouts, teacher = run / "round-0000" / "rollouts", run / "round-0000" / "teacher"
+    (teacher / "manifest.json").unlink()
+    before = tree_snapshot(run)
+    for command in ("train", "score-teacher"):  # reading the stage / writing it again
+        assert_refused(run_cli(command, run), f"{teacher} holds 2 shard file(s) but no manifest.json",
+                       f"eopd-pipe status {run} --repair", f"or delete {teacher}")
+        assert tree_snapshot(run) == before
+    (rollouts / "manifest.json").write_text('{"num_shards": 2, "shards": {"part-00')
+    before = tree_snapshot(run)
+    assert_refused(run_cli("score-teacher", run), f"{rollouts / 'manifest.json'} is corrupted (not valid JSON",
+                   f"eopd-pipe status {run} --repair")
+    (rollouts / "manifest.json").write_text('{"num_shards": 2}')
+    assert_refused(run_cli("score-teacher", run), "is corrupted (keys ['plan', 'shards', 'complete'] missing)")

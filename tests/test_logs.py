@@ -1,0 +1,95 @@
+"""A quiet terminal: library output goes to RUN_DIR/logs/COMMAND.log; -v shows it; errors still show."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import CLI_ENV, REPO, run_cli, write_config
+
+import os
+
+# What a library does, in every way that reaches a terminal, inside a capture; a child process
+# (a stage started by `run`) captures into a log of its own and still reaches the terminal.
+SCRIPT = textwrap.dedent("""
+    import logging, os, subprocess, sys, warnings
+    from pipeline.logs import capture_logs
+
+    lib = logging.getLogger("fakelib")
+    root = sys.argv[1]
+    with capture_logs(root + "/logs/outer.log"):
+        print("OURS 1")
+        h = logging.StreamHandler(sys.stdout)  # bound at import, as vLLM's is: now the terminal stream
+        h.setFormatter(logging.Formatter("LIB %(levelname)s %(message)s"))
+        lib.addHandler(h); lib.propagate = False; lib.setLevel(logging.INFO)
+        lib.info("lib info")
+        lib.error("lib failed")
+        os.write(2, b"C-LEVEL FD2\\n")
+        warnings.warn("a library warning")
+        logging.getLogger("other").warning("a propagating warning")
+        with capture_logs(root + "/logs/inner.log"):
+            print("OURS 2", file=sys.stderr)
+            lib.info("inner lib info")
+            child = "import os, sys\\nfrom pipeline.logs import capture_logs\\nos.write(2, b'CHILD RAW\\\\n')\\n" \\
+                    "with capture_logs(sys.argv[1] + '/logs/child.log'):\\n    print('CHILD OURS')\\n    os.write(1, b'CHILD C\\\\n')"
+            subprocess.run([sys.executable, "-c", child, root], check=True)
+        lib.info("outer again")
+    print("OURS 3")
+""")
+
+
+def test_capture_mechanism(tmp_path):
+    res = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["OURS 1", "CHILD OURS", "OURS 3"]
+    assert res.stderr.splitlines() == [f"error (fakelib): lib failed  [full log: {tmp_path}/logs/outer.log]", "OURS 2"]
+    logs = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}
+    outer = logs["outer.log"]
+    for line in ("LIB INFO lib info", "LIB ERROR lib failed", "C-LEVEL FD2", "UserWarning: a library warning",
+                 "WARNING other: a propagating warning", "LIB INFO outer again"):
+        assert line in outer, (line, outer)
+    assert "LIB INFO inner lib info" in logs["inner.log"] and "CHILD RAW" in logs["inner.log"]
+    assert "CHILD C" in logs["child.log"] and "OURS" not in "".join(logs.values())
+
+
+def test_rollout_quiet_then_verbose(toy, tmp_path):
+    """A real vLLM rollout: the terminal gets our progress bar and summary line, the log gets vLLM's
+    INFO/WARNING lines; with -v the terminal gets them and no log is written."""
+    cfg = write_config(tmp_path / "c.yaml", toy, rollout={"n": 1, "max_tokens": 8, "prompts_per_shard": 12,
+                                                          "vllm": {"enforce_eager": True, "dtype": "float32"}})
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
+    quiet = tmp_path / "quiet"
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "rollout", str(quiet), "--config", str(cfg)], cwd=REPO,
+                         env={**env, **{k: v for k, v in CLI_ENV.items() if k != "VLLM_LOGGING_LEVEL"}},
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    terminal = res.stdout + res.stderr
+    assert "rollout: 2 shard(s) done now, 0 before" in res.stdout
+    assert "INFO" not in terminal and "WARNING" not in terminal, terminal
+    assert len([l for l in terminal.replace("\r", "\n").splitlines() if l.strip() and "rollout round 0" not in l]) <= 2
+    log = (quiet / "logs" / "rollout.log").read_text()
+    assert f"eopd-pipe rollout {quiet}" in log.splitlines()[0] and "INFO" in log and "vLLM" in log
+
+    loud = tmp_path / "loud"
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "-v", "rollout", str(loud), "--config", str(cfg)],
+                         cwd=REPO, env={**env, **{k: v for k, v in CLI_ENV.items() if k != "VLLM_LOGGING_LEVEL"}},
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "INFO" in res.stdout + res.stderr and "rollout: 2 shard(s) done now" in res.stdout
+    assert not (loud / "logs").exists()
+
+
+def test_library_failure_reaches_terminal_with_log_path(toy, tmp_path):
+    """vLLM refusing its arguments is not our UserError: the traceback reaches the terminal, ending
+    with where the library log is."""
+    cfg = write_config(tmp_path / "c.yaml", toy, rollout={"vllm": {"enforce_eager": True, "dtype": "float32",
+                                                                   "max_model_len": 100000}})
+    run = tmp_path / "run"
+    res = run_cli("rollout", run, "--config", cfg)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" in res.stderr
+    assert f"(what the libraries printed during this command: {run / 'logs' / 'rollout.log'})" in res.stderr
+    assert (run / "logs" / "rollout.log").is_file()
