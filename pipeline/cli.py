@@ -67,7 +67,8 @@ def handle_errors(f):
     return wrapper
 
 
-VERBOSE_HELP = "Show everything vLLM, transformers, DeepSpeed and torch print (default: only in RUN_DIR/logs/COMMAND.log)."
+VERBOSE_HELP = ("Show everything vLLM, transformers, DeepSpeed and torch print "
+                "(default: only in RUN_DIR/logs/COMMAND.log).")
 
 
 def quiet(name: str, dir_param: str = "run_dir"):

@@ -209,11 +209,12 @@ def health_warnings(current: RoundHealth, previous: RoundHealth | None = None) -
     r, out = current.round, []
     if current.nonfinite_steps:
         out.append(
-            f"round {r}: the training loss is not finite (NaN/inf) in {current.nonfinite_steps} of {current.steps} steps, "
+            f"round {r}: the training loss is not finite (NaN/inf) in {current.nonfinite_steps} of {current.steps} "
+            f"steps, "
             f"first at step {current.first_nonfinite_step} (round-{r:04d}/train/metrics.jsonl): training diverged; "
             f"try a lower {_lr(current)} or a smaller train.max_grad_norm, and delete round-{r:04d}/train to redo it")
-    if (previous is not None and current.kl_start is not None and previous.kl_start is not None
-            and current.kl_start > KL_RISE * previous.kl_start and current.kl_start - previous.kl_start > KL_RISE_MIN):
+    kl, prev_kl = current.kl_start, previous.kl_start if previous is not None else None
+    if kl is not None and prev_kl is not None and kl > KL_RISE * prev_kl and kl - prev_kl > KL_RISE_MIN:
         out.append(
             f"round {r}: on-policy KL at the start of the round is {current.kl_start:.3f} nats/token, "
             f"{current.kl_start / previous.kl_start:.1f}x round {previous.round}'s {previous.kl_start:.3f}: "
@@ -222,7 +223,8 @@ def health_warnings(current: RoundHealth, previous: RoundHealth | None = None) -
     if current.length_fraction is not None and current.length_fraction > LENGTH_SHARE:
         mt = f"rollout.max_tokens={current.max_tokens}" if current.max_tokens else "rollout.max_tokens"
         share = f"{100 * current.length_fraction:.0f}% of round {r}'s {current.responses} responses ended at {mt}"
-        was_fine = previous is not None and previous.length_fraction is not None and previous.length_fraction <= LENGTH_SHARE
+        before = previous.length_fraction if previous is not None else None
+        was_fine = before is not None and before <= LENGTH_SHARE
         if was_fine:
             out.append(f"round {r}: {share} (round {previous.round}: {100 * previous.length_fraction:.0f}%): "
                        f"the student trained in round {previous.round} rambles or loops instead of answering; "

@@ -16,7 +16,8 @@ While a capture is active (`with capture_logs(RUN_DIR / "logs" / "rollout.log"):
 Captures nest (the innermost one's log is active), so one process can give each stage its own log
 (`eopd-pipe run` with persistent engines). A stage started as a child process (`eopd-pipe run`
 spawning `eopd-pipe rollout`) inherits the parent's log on 1 and 2 and finds the terminal through
-EOPD_TERMINAL_STDOUT / EOPD_TERMINAL_STDERR (/proc/PID/fd/N paths), then captures into its own log.
+EOPD_TERMINAL_STDOUT / EOPD_TERMINAL_STDERR (/proc/PID/fd/N, with the file's identity to check), then
+captures into its own log.
 
 `-v/--verbose` (EOPD_VERBOSE=1) turns capturing off: everything goes to the terminal as before.
 
@@ -83,10 +84,15 @@ def _fd_of(stream) -> int | None:
 
 def _terminal_fd(which: int) -> int:
     """A descriptor on the terminal: the one a parent process handed down, else a duplicate of ours."""
-    path = os.environ.get(TERMINAL_ENV[which - 1])
+    handed = os.environ.get(TERMINAL_ENV[which - 1], "")
+    path, _, identity = handed.partition("|")
     if path:
         try:
-            return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if f"{st.st_dev}:{st.st_ino}" == identity:
+                return fd
+            os.close(fd)  # the pid was reused by another process: not our terminal
         except OSError:
             pass  # the parent is gone or /proc is not readable: our own descriptor is the best we have
     fd = os.dup(which)
@@ -115,8 +121,9 @@ def _terminal() -> _Terminal:
             out_fd, err_fd = _terminal_fd(1), _terminal_fd(2)
             _TERMINAL = _Terminal(_text_stream(out_fd, sys.stdout), _text_stream(err_fd, sys.stderr), True)
             # Stage processes started from here write their own output to our terminal.
-            os.environ[TERMINAL_ENV[0]] = f"/proc/{os.getpid()}/fd/{out_fd}"
-            os.environ[TERMINAL_ENV[1]] = f"/proc/{os.getpid()}/fd/{err_fd}"
+            for name, fd in zip(TERMINAL_ENV, (out_fd, err_fd)):
+                st = os.fstat(fd)
+                os.environ[name] = f"/proc/{os.getpid()}/fd/{fd}|{st.st_dev}:{st.st_ino}"
         else:
             _TERMINAL = _Terminal(sys.stdout, sys.stderr, False)
     return _TERMINAL
@@ -145,7 +152,8 @@ class _ErrorsToTerminal(logging.Filter):
                 first = record.getMessage().splitlines()[0] if record.getMessage() else ""
             except Exception:  # a bad format string is the library's problem, not a reason to fail
                 first = str(record.msg)
-            _TERMINAL.err.write(f"{record.levelname.lower()} ({record.name}): {first}  [full log: {_STACK[-1].path}]\n")
+            _TERMINAL.err.write(f"{record.levelname.lower()} ({record.name}): {first}  "
+                                f"[full log: {_STACK[-1].path}]\n")
         return True
 
 
@@ -205,6 +213,7 @@ def _add_handler(self: logging.Logger, handler: logging.Handler) -> None:
 
 
 OWN_PACKAGES = ("pipeline", "stages", "eopd", "bench", "__main__")  # whose progress bars stay on the terminal
+LIBRARY_BARS_SHOWN = ("Processed prompts",)  # vLLM's LLM.generate bar: eval's progress while it samples
 _ORIGINAL_TQDM_INIT = None
 
 
@@ -228,7 +237,9 @@ def _patch_tqdm() -> None:
     original = _ORIGINAL_TQDM_INIT = tqdm.std.tqdm.__init__
 
     def __init__(self, *args, **kwargs):
-        if _STACK and kwargs.get("file") is None and len(args) < 5 and not _creator_is_ours():
+        desc = kwargs.get("desc", args[1] if len(args) > 1 else None)
+        if (_STACK and kwargs.get("file") is None and len(args) < 5 and desc not in LIBRARY_BARS_SHOWN
+                and not _creator_is_ours()):
             kwargs["file"] = sys.__stderr__
         original(self, *args, **kwargs)
 

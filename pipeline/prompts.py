@@ -50,7 +50,8 @@ def load_prompt_dataset(cfg: PromptsConfig):  # -> datasets.Dataset
                         + "; point it at a .jsonl/.json/.parquet/.csv file, a dataset directory, "
                         f"or a hub dataset as {HUB_PREFIX}org/name")
     if not hub and path.is_file() and path.suffix not in _LOCAL_BUILDERS:
-        raise UserError(f"prompts.path {path}: unsupported file type {path.suffix!r} (use one of {sorted(_LOCAL_BUILDERS)})")
+        raise UserError(f"prompts.path {path}: unsupported file type {path.suffix!r} "
+                        f"(use one of {sorted(_LOCAL_BUILDERS)})")
     if not hub and path.is_file() and not path.read_bytes()[:65536].strip():
         raise UserError(_empty_message(raw, cfg.split))
     import datasets
@@ -76,7 +77,8 @@ def load_prompt_dataset(cfg: PromptsConfig):  # -> datasets.Dataset
         detail = f"{type(e).__name__}: {e}".strip().rstrip(":")
         if isinstance(e, (StopIteration, ValueError)) and "corresponds to no data" in str(e):
             raise UserError(_empty_message(raw, cfg.split)) from None
-        raise UserError(f"prompts.path {raw!r} ({where}, split {cfg.split!r}) could not be loaded: {detail}") from None
+        raise UserError(f"prompts.path {raw!r} ({where}, split {cfg.split!r}) could not be loaded: "
+                        f"{detail}") from None
     if len(ds) == 0:
         raise UserError(_empty_message(raw, cfg.split))
     if cfg.limit is not None:
@@ -85,7 +87,8 @@ def load_prompt_dataset(cfg: PromptsConfig):  # -> datasets.Dataset
 
 
 def _empty_message(path: str, split: str) -> str:
-    return (f"prompts.path {path}: the dataset is empty (no rows{'' if Path(path).is_file() else f' in split {split!r}'}); "
+    where = "" if Path(path).is_file() else f" in split {split!r}"
+    return (f"prompts.path {path}: the dataset is empty (no rows{where}); "
             f"point prompts.path at a file with one prompt per row (JSON lines: {{\"prompt\": \"...\"}})")
 
 

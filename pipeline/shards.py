@@ -121,15 +121,15 @@ def missing_manifest_message(stage_dir: Path) -> str:
     n = len(shard_files(stage_dir))
     if n == 0:
         return f"{stage_dir} has no manifest.json: this stage has not run yet"
-    return (f"{stage_dir} holds {n} shard file(s) but no manifest.json (deleted or lost), so none of them counts as done; "
-            f"run `eopd-pipe status {_run_dir_of(stage_dir)} --repair` to check each shard and rebuild the manifest, "
-            f"or delete {stage_dir} to redo the stage")
+    return (f"{stage_dir} holds {n} shard file(s) but no manifest.json (deleted or lost), so none of them "
+            f"counts as done; run `eopd-pipe status {_run_dir_of(stage_dir)} --repair` to check each shard and "
+            f"rebuild the manifest, or delete {stage_dir} to redo the stage")
 
 
 def corrupt_manifest_message(path: Path, problem: str) -> str:
     stage_dir = Path(path).parent
-    return (f"{path} is corrupted ({problem}); run `eopd-pipe status {_run_dir_of(stage_dir)} --repair` to check each "
-            f"shard and rebuild it (the shards are kept), or delete {stage_dir} to redo the stage")
+    return (f"{path} is corrupted ({problem}); run `eopd-pipe status {_run_dir_of(stage_dir)} --repair` to "
+            f"check each shard and rebuild it (the shards are kept), or delete {stage_dir} to redo the stage")
 
 
 def manifest_problem(data: Any) -> str | None:

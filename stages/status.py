@@ -114,7 +114,8 @@ def stage_line(run: RunDir, r: int, stage: str, held: dict) -> tuple[str, bool]:
     tokens = sum(s.get("tokens", 0) for s in shards.values())
     mib = sum(s["bytes"] for s in shards.values()) / 2**20
     state = "complete" if data["complete"] else "partial"
-    line = f"  {stage:<9} {state:<8} {len(shards)}/{data['num_shards']} shards, {rows} rows, {tokens} tokens, {mib:.1f} MiB"
+    line = (f"  {stage:<9} {state:<8} {len(shards)}/{data['num_shards']} shards, {rows} rows, {tokens} tokens, "
+            f"{mib:.1f} MiB")
     if not data["complete"]:
         missing = sorted(set(range(data["num_shards"])) - {int(n[5:10]) for n in shards} - {s for s, _ in busy})
         if missing:
@@ -144,7 +145,8 @@ def train_line(run: RunDir, r: int, held: dict) -> tuple[str, bool]:
     if pid is not None:
         return f"  {'train':<9} training now ({describe_process(pid)}): step {last_step or 0} logged; {ckpt}", True
     if written:
-        return f"  {'train':<9} done: {last_step if last_step is not None else '?'} steps; {ckpt}; student written", False
+        steps = last_step if last_step is not None else "?"
+        return f"  {'train':<9} done: {steps} steps; {ckpt}; student written", False
     if last_step is None and not ckpts:
         return f"  {'train':<9} not started", False
     resume = f"resumes after {ckpts[-1].name}" if ckpts else "restarts from step 0"
@@ -212,7 +214,8 @@ def verify_run(run: RunDir) -> list[str]:
             m = Manifest(run.stage_dir(r, stage))
             if not m.exists():
                 if shard_files(m.stage_dir):
-                    problems.append(f"{m.stage_dir}: shard files but no manifest.json; run `eopd-pipe status {run.root} --repair`")
+                    problems.append(f"{m.stage_dir}: shard files but no manifest.json; "
+                                    f"run `eopd-pipe status {run.root} --repair`")
                 continue
             try:
                 data = m.read()
@@ -224,7 +227,8 @@ def verify_run(run: RunDir) -> list[str]:
                 if not path.is_file():
                     problems.append(f"{path}: missing (rerun `eopd-pipe {STAGE_COMMAND[stage]}` to redo it)")
                 elif sha256_file(path) != rec["sha256"]:
-                    problems.append(f"{path}: corrupted (sha256 differs from the manifest); delete it and rerun the stage to redo it")
+                    problems.append(f"{path}: corrupted (sha256 differs from the manifest); delete it and rerun the "
+                                    f"stage to redo it")
     return problems
 
 
@@ -335,12 +339,13 @@ def repair_stage(run: RunDir, r: int, stage: str, held: dict) -> list[str]:
                         f"delete {stage_dir} to redo the stage")
     if stage == "rollouts":
         n = next(int(x["n"]) for x in metas if "n" in x) if any("n" in x for x in metas) else None
-        wrong = [shard_name(i) for i, info in good.items() if n is not None and info.rows != plan["rows_per_shard"][i] * n]
+        wrong = [shard_name(i) for i, info in good.items()
+                 if n is not None and info.rows != plan["rows_per_shard"][i] * n]
         if wrong:
             raise UserError(f"{stage_dir}: shards {wrong} do not have the rows the plan gives them; "
                             f"delete {stage_dir} to redo the stage")
-    data = {"num_shards": num_shards, "plan": plan, "shards": {shard_name(i): good[i].to_json() for i in sorted(good)},
-            "complete": len(good) == num_shards}
+    data = {"num_shards": num_shards, "plan": plan, "complete": len(good) == num_shards,
+            "shards": {shard_name(i): good[i].to_json() for i in sorted(good)}}
     assert manifest_problem(data) is None
     (stage_dir / ".locks").mkdir(exist_ok=True)
     with m._lock:

@@ -37,14 +37,16 @@ def diverging(tmp_path) -> Path:
     """Round 0 healthy; round 1: KL tripled, 3 of 4 responses at max_tokens, a NaN loss at step 2."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"rounds": 2, "train": {"lr": 1e-3}, "rollout": {"max_tokens": 48}}))
+    config = {"rounds": 2, "train": {"lr": 1e-3}, "rollout": {"max_tokens": 48}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
     # KL_t = behaviour - teacher: round 0 mean 0.5 over 6 tokens; round 1 mean 1.5 over 8 tokens.
     write_round(run, 0, [[-1.0, -1.0], [-0.5], [-0.2, -0.2, -0.1]], [[-1.5, -1.5], [-1.0], [-0.7, -0.7, -0.6]],
                 ["stop", "stop", "length"], [1.0, 0.9])
     write_round(run, 1, [[-0.5] * 2, [-0.5] * 2, [-0.5] * 2, [-0.5] * 2], [[-2.0] * 2] * 4,
                 ["length", "length", "stop", "length"], [0.8, float("nan"), float("inf")], entropy=0.1, gate=0.05)
     (run / "eval").mkdir()
-    (run / "eval" / "final.json").write_text(json.dumps({"model": "final", "round": 1, "pass_at_k": {"1": 0.0, "2": 0.0}}))
+    final = {"model": "final", "round": 1, "pass_at_k": {"1": 0.0, "2": 0.0}}
+    (run / "eval" / "final.json").write_text(json.dumps(final))
     return run
 
 

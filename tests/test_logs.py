@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 from conftest import CLI_ENV, REPO, run_cli, write_config
-
-import os
 
 # What a library does, in every way that reaches a terminal, inside a capture; a child process
 # (a stage started by `run`) captures into a log of its own and still reaches the terminal.
@@ -32,8 +30,9 @@ SCRIPT = textwrap.dedent("""
         with capture_logs(root + "/logs/inner.log"):
             print("OURS 2", file=sys.stderr)
             lib.info("inner lib info")
-            child = "import os, sys\\nfrom pipeline.logs import capture_logs\\nos.write(2, b'CHILD RAW\\\\n')\\n" \\
-                    "with capture_logs(sys.argv[1] + '/logs/child.log'):\\n    print('CHILD OURS')\\n    os.write(1, b'CHILD C\\\\n')"
+            child = ("import os, sys\\nfrom pipeline.logs import capture_logs\\nos.write(2, b'CHILD RAW\\\\n')\\n"
+                     "with capture_logs(sys.argv[1] + '/logs/child.log'):\\n"
+                     "    print('CHILD OURS')\\n    os.write(1, b'CHILD C\\\\n')")
             subprocess.run([sys.executable, "-c", child, root], check=True)
         lib.info("outer again")
     print("OURS 3")

@@ -86,7 +86,8 @@ def test_repair_rebuilds_manifests(scored, tmp_path):
     (teacher / "manifest.json").unlink()
     res = run_cli("status", run, "--repair")
     assert res.returncode == 0, res.stderr
-    assert "part-00001.parquet: not readable as Parquet" in res.stdout and "moved to part-00001.parquet.bad" in res.stdout
+    assert "part-00001.parquet: not readable as Parquet" in res.stdout
+    assert "moved to part-00001.parquet.bad" in res.stdout
     assert "teacher: manifest.json rebuilt from 1 checked shard(s) (1 shard(s) still to do)" in res.stdout
     assert "teacher   partial  1/2 shards" in res.stdout and "to do: [1]" in res.stdout
     assert (teacher / "part-00001.parquet.bad").is_file() and not victim.exists()
