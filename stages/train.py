@@ -38,7 +38,7 @@ from pipeline.training import (CHECKPOINT_DONE, DeepSpeedEngine, TorchEngine, al
                                checkpoint_name, complete_checkpoints, load_deepspeed_config, load_rng_state,
                                lr_factor, prune_checkpoints, rng_state, save_rng_state, seed_everything,
                                set_rng_state, world)
-from pipeline.work import derive_seed, test_pause
+from pipeline.work import derive_seed, record_timing, test_pause
 
 NORMALISATION = "loss = sum over response tokens of L_t / (all response tokens of the optimiser step)"
 
@@ -235,6 +235,9 @@ class Trainer:
         self.holds_end_of, self._rng_at_end = round_index, rng_state()
         summary.load_seconds = load_seconds
         summary.wall_seconds = time.perf_counter() - wall0
+        if self.rank == 0:
+            record_timing(self.run.round_dir(round_index), "train", summary.wall_seconds, load_seconds,
+                          summary.engine_seconds + summary.probe_seconds)
         return summary
 
     def _plan(self, r: int) -> tuple[TeacherRows, list]:

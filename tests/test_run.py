@@ -1,5 +1,6 @@
-"""`eopd-pipe run` across two rounds, killed with SIGKILL at random points and resumed by the same
-command each time: every shard and the final student equal those of an uninterrupted run."""
+"""`eopd-pipe run` (persistent: each role's model loaded once per run) across three rounds, killed
+with SIGKILL at random points and resumed by the same command each time: every shard, student and
+per-step loss equals those of an uninterrupted run, and of the stage commands run one by one."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TRAIN, kill_group, run_cli, spawn_cli, write_config
+from conftest import TRAIN, kill_group, run_cli, spawn_cli, wait_for_line, write_config
 from pipeline.shards import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -25,8 +26,8 @@ def digests(run: Path) -> dict[str, str]:
 
 
 def test_run_killed_at_random_points_resumes_to_identical_results(toy, tmp_path):
-    cfg = write_config(tmp_path / "cfg.yaml", toy, rounds=2,
-                       prompts={"path": str(toy.train_prompts), "limit": 12},
+    cfg = write_config(tmp_path / "cfg.yaml", toy, rounds=3,
+                       prompts={"path": str(toy.train_prompts), "limit": 12, "prompts_per_round": 8},
                        rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 6,
                                 "vllm": {"enforce_eager": True, "dtype": "float32"}},
                        score_teacher={"top_k": 8}, train={**TRAIN, "checkpoint_every": 1})
@@ -36,12 +37,12 @@ def test_run_killed_at_random_points_resumes_to_identical_results(toy, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     full = time.time() - t0
     expected = digests(ref)
-    assert len([k for k in expected if k.endswith("model.safetensors")]) == 2
+    assert len([k for k in expected if k.endswith("model.safetensors")]) == 3
 
     run = tmp_path / "run"
     rng = random.Random(20261123)
     kills = 0
-    for trial in range(3):
+    for trial in range(4):
         proc = spawn_cli("run", run, "--config", cfg)
         deadline = time.time() + rng.uniform(2.0, 0.8 * full)
         while time.time() < deadline and proc.poll() is None:
@@ -54,6 +55,7 @@ def test_run_killed_at_random_points_resumes_to_identical_results(toy, tmp_path)
     res = run_cli("run", run, "--config", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
     assert digests(run) == expected
+    assert round_metrics(run) == round_metrics(ref)
     assert not [p for p in run.rglob("*") if ".tmp" in p.name or p.name.startswith(".incoming")]
 
 
@@ -121,3 +123,18 @@ def test_one_optimisation_across_rounds(three_rounds, tmp_path):
     assert [x["lr"] for x in fresh] == pytest.approx([x["lr"] for x in carried])  # the schedule stays global
     assert fresh[0]["loss"] == carried[0]["loss"]  # same weights, same rows: same first loss
     assert fresh[1]["loss"] != carried[1]["loss"]  # ... but Adam's state moved the first step differently
+
+
+def test_sigterm_stops_the_persistent_run_cleanly_and_it_resumes(three_rounds, tmp_path):
+    """A preemption notice to the whole process group (vLLM's engine process included) during
+    round 1's training: exit 143, a checkpoint at the step boundary, then the same command finishes
+    with the uninterrupted run's students and losses."""
+    cfg, persistent = three_rounds
+    run = tmp_path / "run"
+    proc = spawn_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "train_step:2:3"})
+    wait_for_line(proc, "EOPD_TEST_PAUSE reached")
+    assert kill_group(proc, signal.SIGTERM) == 143
+    assert (run / "round-0000" / "train" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    res = run_cli("run", run, "--config", cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert digests(run) == digests(persistent) and round_metrics(run) == round_metrics(persistent)
