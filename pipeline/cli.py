@@ -206,13 +206,19 @@ def status(run_dir, verify, repair, no_health):
 
 @main.command("run", context_settings=CONTEXT)
 @stage_options
+@click.option("--per-stage-processes", is_flag=True,
+              help="Run every stage of every round as its own process (models loaded per stage) instead of "
+                   "keeping each role's model loaded for the whole run. Same results; slower rounds.")
 @handle_errors
 @quiet("run")
-def run_cmd(run_dir, config_path, overrides, allow_config_change):
+def run_cmd(run_dir, config_path, overrides, allow_config_change, per_stage_processes):
     """All rounds: rollout -> score-teacher -> train, then eval and report.
 
-    Each stage runs as its own process and is skipped when already complete, so the same command
-    resumes after a kill or preemption at any point. Ends with the eval table and the plot paths.
+    Each role's model is loaded once for the whole run: the vLLM sampler takes each new student's
+    weights in place, the teacher stays loaded, the trainer keeps model and optimiser in memory.
+    What is written to RUN_DIR is exactly what the stage commands write one by one, and finished
+    stages are skipped, so the same command resumes after a kill or preemption at any point.
+    Ends with the eval table and the plot paths.
     """
     from stages.eval import format_eval_table
     from stages.report import make_report
@@ -220,7 +226,7 @@ def run_cmd(run_dir, config_path, overrides, allow_config_change):
 
     run = RunDir(run_dir)
     cfg = resolve_config(run, config_path, overrides)
-    models = run_all(run, cfg, allow_config_change)
+    models = run_all(run, cfg, allow_config_change, per_stage_processes)
     if models:
         results = [json.loads((run.root / "eval" / f"{m}.json").read_text()) for m in models]
         click.echo(format_eval_table(results))

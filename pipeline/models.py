@@ -77,11 +77,13 @@ def load_tokenizer(path: str | Path, what: str = "student"):
         raise UserError(f"{what} tokenizer at {path} could not be loaded: {type(e).__name__}: {e}") from None
 
 
-def make_llm(model_path: str | Path, vllm_cfg, seed: int):
+def make_llm(model_path: str | Path, vllm_cfg, seed: int, worker_extension_cls: str | None = None,
+             in_process: bool | None = None):
     """A `vllm.LLM` for sampling. Must be called from code under `if __name__ == "__main__"`
-    (vLLM spawns worker processes), which the `eopd-pipe` console script is."""
+    (vLLM spawns worker processes), which the `eopd-pipe` console script is. `in_process` overrides
+    `vllm_cfg.in_process` (the persistent `run` keeps vLLM out of its process: see stages/run.py)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{vllm_cfg.cpu_kvcache_gib:g}")
-    in_process = vllm_cfg.in_process
+    in_process = vllm_cfg.in_process if in_process is None else in_process
     if in_process is None:
         import torch
 
@@ -90,6 +92,10 @@ def make_llm(model_path: str | Path, vllm_cfg, seed: int):
     if in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine is created
         extra["distributed_executor_backend"] = "uni"
+    else:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    if worker_extension_cls:
+        extra["worker_extension_cls"] = worker_extension_cls
     from vllm import LLM
 
     return LLM(

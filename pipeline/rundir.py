@@ -60,6 +60,10 @@ class RunDir:
         """The student written by round r's training (the policy of round r+1)."""
         return self.round_dir(r) / "student"
 
+    def student_done(self, r: int) -> bool:
+        """Round r's training is finished: its student is written (atomically, config.json inside)."""
+        return (self.student_dir(r) / "config.json").is_file()
+
     def rounds_present(self) -> list[int]:
         if not self.root.is_dir():
             return []

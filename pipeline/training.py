@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +80,35 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def save_rng_state(path: Path) -> None:
+    """This process's RNG states as tensors and plain values: loadable with weights_only=True."""
+    state = rng_state()
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    state["numpy"] = {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "gauss": gauss}
+    torch.save(state, path)
+
+
+def load_rng_state(path: Path) -> dict[str, Any]:
+    """The inverse of save_rng_state; refuses a file that would need pickle to load (it could run code)."""
+    state = safe_torch_load(path)
+    np_state = state["numpy"]
+    state["numpy"] = (np_state["kind"], np_state["key"].numpy().astype(np.uint32), np_state["pos"],
+                      np_state["has_gauss"], np_state["gauss"])
+    return state
+
+
+def safe_torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only. A checkpoint copied
+    from elsewhere cannot run code on load; a refused file names itself and the way out."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path} holds more than tensors and plain values, so it was not loaded (a pickle can run "
+                        f"code): {str(e).splitlines()[0]}. Delete this checkpoint directory to resume from the one "
+                        f"before it, or from the round's start") from None
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -140,6 +171,9 @@ class TorchEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def fast_forward(self, global_step: int) -> None:
+        _fast_forward(self.scheduler, global_step)
+
     def save(self, path: Path, client_state: dict[str, Any]) -> None:
         """Write a checkpoint to `path` (a fresh directory)."""
         path.mkdir(parents=True)
@@ -147,7 +181,7 @@ class TorchEngine:
                     "scheduler": self.scheduler.state_dict(), "client": client_state}, path / "state.pt")
 
     def load(self, path: Path) -> dict[str, Any]:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        state = safe_torch_load(path / "state.pt")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -183,14 +217,42 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def fast_forward(self, global_step: int) -> None:
+        _fast_forward(self.scheduler, global_step)
+
     def save(self, path: Path, client_state: dict[str, Any]) -> None:
         """Collective: every rank calls it. DeepSpeed writes path.parent/path.name/."""
         self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state,
                                     save_latest=False)
 
     def load(self, path: Path) -> dict[str, Any]:
+        check_deepspeed_checkpoint(path)  # DeepSpeed itself loads with weights_only=False
         _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         return client
+
+
+def _fast_forward(scheduler, global_step: int) -> None:
+    """Put a fresh LambdaLR at `global_step` of the global schedule (no optimiser step taken)."""
+    scheduler.last_epoch = global_step - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+        scheduler.step()
+
+
+# Globals a DeepSpeed ZeRO-1/2 checkpoint of ours pickles besides tensors and containers
+# (read from real checkpoints with torch.serialization.get_unsafe_globals_in_checkpoint).
+DEEPSPEED_SAFE_GLOBALS: set[str] = set()
+
+
+def check_deepspeed_checkpoint(path: Path) -> None:
+    """Refuse a DeepSpeed checkpoint whose pickles reference anything beyond tensors, containers and
+    the DeepSpeed names DeepSpeed itself writes (a pickle can run code; DeepSpeed's loader would)."""
+    for f in sorted(Path(path).glob("*.pt")):
+        unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+                  if g not in DEEPSPEED_SAFE_GLOBALS]
+        if unsafe:
+            raise UserError(f"{f} references {unsafe[:5]}, which a checkpoint of eopd-pipe never holds, so it was not "
+                            f"loaded (a pickle can run code). Delete {path} to resume from the checkpoint before it")
 
 
 def load_deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:

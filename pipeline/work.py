@@ -18,6 +18,7 @@ restart) or a renamed, unrecorded shard (adopted on restart), as before.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -251,4 +252,16 @@ def run_shards(
         bar.close()
     summary.complete = manifest.is_complete()
     summary.wall_seconds = time.perf_counter() - wall0
+    if summary.done_now:
+        record_timing(stage_dir.parent, stage_dir.name, summary.wall_seconds, summary.load_seconds,
+                      summary.engine_seconds)
     return summary
+
+
+def record_timing(round_dir: Path, stage: str, wall: float, load: float, engine: float) -> None:
+    """One line per stage execution in ROUND/timings.jsonl: where a round's time went (model
+    load, engine compute, the rest), for `bench/rounds.py` and anyone asking why a round is slow."""
+    line = {"stage": stage, "end": time.time(), "wall_s": round(wall, 4), "load_s": round(load, 4),
+            "engine_s": round(engine, 4), "pid": os.getpid()}
+    with open(Path(round_dir) / "timings.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")

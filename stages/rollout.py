@@ -20,6 +20,7 @@ from pipeline.config import Config
 from pipeline.models import GenerationQueue, check_model_dir, load_tokenizer, make_llm
 from pipeline.prompts import round_prompt_indices, save_prompt_cache, tokenized_prompts
 from pipeline.rundir import RunDir, freeze_config
+from pipeline.sampler import Sampler
 from pipeline.work import ShardResult, ShardWorker, StageSummary, WorkerSpec, derive_seed, run_shards
 
 STAGE = "rollouts"
@@ -113,7 +114,9 @@ def rollout_worker(llm, prompts: pa.Table, shards: list[list[int]], cfg: Config,
 
 
 def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec | None = None,
-                allow_config_change: bool = False) -> StageSummary:
+                allow_config_change: bool = False, sampler: Sampler | None = None) -> StageSummary:
+    """`sampler`: an engine kept across rounds (the persistent `run`); it is given this round's
+    policy in place. Without one, the stage starts its own engine."""
     policy = check_model_dir(run.policy_for_round(cfg, round_index), "student")
     # The base student's tokenizer defines the prompt tokens for every round (later students are saved with it).
     tokenizer = load_tokenizer(check_model_dir(cfg.student.path, "student"))
@@ -125,7 +128,11 @@ def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec |
     shards = plan_shards(prompts, cfg, round_index)
 
     def open_worker():
-        llm = make_llm(policy, cfg.rollout.vllm, seed=derive_seed(cfg.seed, STAGE, round_index))
+        if sampler is not None:
+            sampler.load(policy)
+            llm = sampler.llm
+        else:  # the engine seed matters little: every request carries its own seed
+            llm = make_llm(policy, cfg.rollout.vllm, seed=derive_seed(cfg.seed, STAGE, round_index))
         return rollout_worker(llm, prompts, shards, cfg, round_index)
 
     # Inside the run dir the policy is named relative to it: shards do not depend on where the run lives.

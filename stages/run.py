@@ -2,17 +2,29 @@
 
 Recipe:
   1. check the config's models, freeze the config into RUN_DIR
-  2. per round: each stage whose output is not complete runs as its own process (so vLLM, the
-     teacher and the trainer each get the machine's whole memory, and free it when done)
-  3. eval of cfg.eval.models that have no result yet, then the report plots
+  2. per round, each stage whose output is not complete, with each role's model loaded ONCE per
+     run (`Roles`): the rollout sampler (vLLM) takes each new student's weights in place, the
+     teacher stays loaded, the trainer keeps model, optimiser and RNG in memory. The stages are
+     the same functions the stage commands call, so the run directory gets exactly what
+     `eopd-pipe rollout/score-teacher/train` write one by one (tests/test_run.py checks rows,
+     students and per-step losses). `--per-stage-processes` (and multi-rank training) runs each
+     stage as its own process instead, as before.
+  3. eval of cfg.eval.models that have no result yet (own processes), then the report plots
 The same command resumes after preemption at any point: finished stages are skipped, an
 interrupted one resumes from its shards or checkpoints.
+
+Why vLLM runs out of this process here: its CPU worker pins OpenMP threads and replaces
+`torch.set_num_threads` with a no-op in the process that hosts it, which would leave the
+teacher and trainer on one core. In its own process it keeps to itself, and `collective_rpc`
+reaches it there for the weight swap.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import signal
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +36,7 @@ from pipeline.errors import Preempted, UserError
 from pipeline.models import check_model_dir
 from pipeline.rundir import RunDir, freeze_config
 from pipeline.shards import Manifest
+from pipeline.signals import PREEMPTION
 
 
 def _die_with_parent() -> None:
@@ -55,18 +68,98 @@ def train_launcher(cfg: Config) -> list[str] | None:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.train.processes)]
 
 
-def run_all(run: RunDir, cfg: Config, allow_config_change: bool = False) -> list[str]:
+class Roles:
+    """The three roles' models, each loaded on first use and then kept for the whole run."""
+
+    def __init__(self, run: RunDir, cfg: Config) -> None:
+        self.run, self.cfg = run, cfg
+        self._sampler = self._teacher = self._trainer = None
+        self.load_seconds = {"rollout": 0.0, "score-teacher": 0.0, "train": 0.0}
+
+    def sampler(self, policy: Path):
+        if self._sampler is None:
+            from pipeline.sampler import Sampler
+            from pipeline.work import derive_seed
+
+            t0 = time.perf_counter()
+            self._sampler = Sampler(policy, self.cfg.rollout.vllm, seed=derive_seed(self.cfg.seed, "rollouts"),
+                                    in_process=False)
+            self.load_seconds["rollout"] += time.perf_counter() - t0
+        return self._sampler
+
+    def teacher(self):
+        if self._teacher is None:
+            from stages.score_teacher import load_teacher
+
+            t0 = time.perf_counter()
+            self._teacher = load_teacher(check_model_dir(self.cfg.teacher.path, "teacher"), self.cfg.score_teacher)
+            self.load_seconds["score-teacher"] += time.perf_counter() - t0
+        return self._teacher
+
+    def trainer(self):
+        if self._trainer is None:
+            from stages.train import Trainer
+
+            self._trainer = Trainer(self.run, self.cfg)
+        return self._trainer
+
+    def close(self) -> None:
+        """Free the models before eval starts its own engines (GPU memory)."""
+        if self._sampler is not None:
+            self._sampler.close()
+        self._sampler = self._teacher = self._trainer = None
+        gc.collect()
+
+
+def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
+    """All rounds in this process, each role's model loaded once (see the module docstring)."""
+    from stages.rollout import run_rollout
+    from stages.score_teacher import run_score_teacher
+
+    roles = Roles(run, cfg)
+    try:
+        for r in range(cfg.rounds):
+            if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
+                summary = run_rollout(run, cfg, r, sampler=roles.sampler(run.policy_for_round(cfg, r)))
+                _require_complete(summary, "rollout", r)
+            if not Manifest(run.stage_dir(r, "teacher")).is_complete():
+                summary = run_score_teacher(run, cfg, r, teacher=roles.teacher())
+                _require_complete(summary, "score-teacher", r)
+            if not run.student_done(r):
+                roles.trainer().train_round(r)
+    except (Preempted, UserError):
+        raise
+    except Exception:
+        # A SIGTERM to the process group also stops vLLM's engine process; what then fails in
+        # this one is the preemption, not an error.
+        if PREEMPTION.requested:
+            raise Preempted() from None
+        raise
+    finally:
+        roles.close()
+    return roles
+
+
+def _require_complete(summary, stage: str, r: int) -> None:
+    if not summary.complete:
+        busy = f" (shards {summary.busy_elsewhere} are held by another worker)" if summary.busy_elsewhere else ""
+        raise UserError(f"round {r} {stage} is not complete{busy}; run the same command again when that worker is done")
+
+
+def run_all(run: RunDir, cfg: Config, allow_config_change: bool = False, per_stage_processes: bool = False) -> list[str]:
     """Everything the config asks for, skipping what is done. Returns the evaluated model names."""
     check_model_dir(cfg.student.path, "student")
     check_model_dir(cfg.teacher.path, "teacher")
     freeze_config(run, cfg, allow_config_change)
     root = str(run.root)
+    if not per_stage_processes and cfg.train.processes <= 1:
+        run_rounds_persistent(run, cfg)
     for r in range(cfg.rounds):
         if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
             run_stage(["rollout", root, "--round", str(r)])
         if not Manifest(run.stage_dir(r, "teacher")).is_complete():
             run_stage(["score-teacher", root, "--round", str(r)])
-        if not (run.student_dir(r) / "config.json").is_file():
+        if not run.student_done(r):
             run_stage(["train", root, "--round", str(r)], train_launcher(cfg))
     evaluated = []
     if cfg.eval.prompts is not None:

@@ -35,9 +35,10 @@ from pipeline.rundir import RunDir, atomic_write_text, freeze_config
 from pipeline.signals import PREEMPTION
 from pipeline.teacher_data import TeacherRows, load_teacher_rows
 from pipeline.training import (CHECKPOINT_DONE, DeepSpeedEngine, TorchEngine, all_reduce_sum, barrier,
-                               checkpoint_name, complete_checkpoints, load_deepspeed_config, lr_factor,
-                               prune_checkpoints, rng_state, seed_everything, set_rng_state, world)
-from pipeline.work import derive_seed, test_pause
+                               checkpoint_name, complete_checkpoints, load_deepspeed_config, load_rng_state,
+                               lr_factor, prune_checkpoints, rng_state, save_rng_state, seed_everything,
+                               set_rng_state, world)
+from pipeline.work import derive_seed, record_timing, test_pause
 
 NORMALISATION = "loss = sum over response tokens of L_t / (all response tokens of the optimiser step)"
 
@@ -164,7 +165,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, rank: int, 
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     engine.save(tmp, client)
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    save_rng_state(tmp / f"rng-rank{rank}.pt")
     barrier()
     if rank == 0:
         (tmp / CHECKPOINT_DONE).write_text(json.dumps({"step": step}))
@@ -187,121 +188,207 @@ def write_student(model, tokenizer_dir: Path, out: Path) -> None:
         raise
 
 
-def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: bool = False) -> TrainSummary:
-    wall0 = time.perf_counter()
-    tc = cfg.train
-    out = run.student_dir(round_index)
-    if (out / "config.json").is_file():
-        return TrainSummary(out, 0, 0, 0, None)
-    teacher_dir = run.stage_dir(round_index, "teacher")
-    rows = load_teacher_rows(teacher_dir, cfg.score_teacher.top_k,
-                             f"run `eopd-pipe score-teacher {run.root} --round {round_index}` first")
-    objective = objective_config(tc)
-    policy = check_model_dir(run.policy_for_round(cfg, round_index), "student")
-    if tc.deepspeed:
-        load_deepspeed_config(tc, bf16=False)  # refuse a bad DeepSpeed file before any work
-    init_distributed(tc)
-    rank, world_size = world()
-    if rank == 0:
-        freeze_config(run, cfg, allow_config_change)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    seed_everything(derive_seed(cfg.seed, "train-init", round_index, rank), tc.deterministic)
+class Trainer:
+    """The student under optimisation. `eopd-pipe train` uses one for one round; the persistent
+    `eopd-pipe run` keeps one for the whole run, so model, optimiser, scheduler and RNG stay in
+    memory from round to round. Either way the optimisation is ONE run across rounds (as the
+    paper's verl run): Adam's moments, the global LR schedule (warm-up once) and the RNG continue
+    from round r-1's final checkpoint; only a missing checkpoint restarts them (with a warning).
 
-    steps = plan_steps(rows, tc, cfg.seed, round_index, world_size)
-    if not steps:
-        raise UserError(f"{teacher_dir}: {rows.num_rows} responses make no optimiser step of train.batch_rows={tc.batch_rows}")
-    total_steps, offset = len(steps) * cfg.rounds, len(steps) * round_index
-    t_load = time.perf_counter()
-    model, dtype = load_student(policy, tc, device)
-    lr_lambda = lambda s: lr_factor(offset + s, total_steps, tc)  # noqa: E731 (LambdaLR wants a callable)
-    engine = DeepSpeedEngine(model, tc, lr_lambda, bf16=dtype == torch.bfloat16) if tc.deepspeed else TorchEngine(model, tc, lr_lambda)
-    load_seconds, engine_seconds, probe_seconds = time.perf_counter() - t_load, 0.0, 0.0
+    Phases of `train_round(r)`: plan (the round's data order) -> restore (this round's newest
+    checkpoint; else the previous round's end state, from memory or its final checkpoint) ->
+    steps (loss, backward, optimiser, metrics, checkpoints) -> student (round-R/student/).
+    """
 
-    train_dir = run.stage_dir(round_index, "train")
-    ckpt_dir, metrics_path = train_dir / "checkpoints", train_dir / "metrics.jsonl"
-    if rank == 0:
-        _hold_train_lock(train_dir)
-    start, probe_prev = 0, None
-    if ckpts := complete_checkpoints(ckpt_dir):
-        client = engine.load(ckpts[-1])
-        start, probe_prev = client["step"], client.get("probe_topk")
-        rng_file = ckpts[-1] / f"rng-rank{rank}.pt"
+    def __init__(self, run: RunDir, cfg: Config, allow_config_change: bool = False) -> None:
+        self.run, self.cfg, self.tc = run, cfg, cfg.train
+        if self.tc.deepspeed:
+            load_deepspeed_config(self.tc, bf16=False)  # refuse a bad DeepSpeed file before any work
+        init_distributed(self.tc)
+        self.rank, self.world_size = world()
+        if self.rank == 0:
+            freeze_config(run, cfg, allow_config_change)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.engine: TorchEngine | DeepSpeedEngine | None = None
+        self.total_steps = 1  # the global LR schedule's length; read by the scheduler's lambda
+        self.holds_end_of: int | None = None  # the round whose final state the engine holds
+        self._rng_at_end: dict | None = None
+
+    # ------------------------------------------------------------------ phases
+
+    def train_round(self, round_index: int) -> TrainSummary:
+        wall0 = time.perf_counter()
+        out = self.run.student_dir(round_index)
+        if (out / "config.json").is_file():
+            return TrainSummary(out, 0, 0, 0, None)
+        rows, steps = self._plan(round_index)
+        t_load = time.perf_counter()
+        start, probe_prev = self._restore(round_index, len(steps))
+        load_seconds = time.perf_counter() - t_load
+        summary = self._steps(round_index, rows, steps, start, probe_prev)
+        if self.rank == 0:
+            write_student(self.engine.module, check_model_dir(self.cfg.student.path, "student"), out)
+        barrier()
+        self.holds_end_of, self._rng_at_end = round_index, rng_state()
+        summary.load_seconds = load_seconds
+        summary.wall_seconds = time.perf_counter() - wall0
+        if self.rank == 0:
+            record_timing(self.run.round_dir(round_index), "train", summary.wall_seconds, load_seconds,
+                          summary.engine_seconds + summary.probe_seconds)
+        return summary
+
+    def _plan(self, r: int) -> tuple[TeacherRows, list]:
+        teacher_dir = self.run.stage_dir(r, "teacher")
+        rows = load_teacher_rows(teacher_dir, self.cfg.score_teacher.top_k,
+                                 f"run `eopd-pipe score-teacher {self.run.root} --round {r}` first")
+        steps = plan_steps(rows, self.tc, self.cfg.seed, r, self.world_size)
+        if not steps:
+            raise UserError(f"{teacher_dir}: {rows.num_rows} responses make no optimiser step of "
+                            f"train.batch_rows={self.tc.batch_rows}")
+        self.total_steps = len(steps) * self.cfg.rounds
+        return rows, steps
+
+    def _restore(self, r: int, round_steps: int) -> tuple[int, torch.Tensor | None]:
+        """(first step to take, the probe's previous top-10) after putting the engine in the state
+        that step follows. Every path gives the same state, so a resumed or stage-by-stage run
+        takes the same steps as one persistent process."""
+        own = complete_checkpoints(self.run.stage_dir(r, "train") / "checkpoints")
+        if not own and r > 0 and self.holds_end_of == r - 1:
+            set_rng_state(self._rng_at_end)  # what else ran in this process (vLLM, teacher) does not count
+            return 0, None
+        if self.engine is None:
+            # Round 0's RNG comes from the seed; a later round's from the checkpoint it continues.
+            seed_everything(derive_seed(self.cfg.seed, "train-init", r, self.rank), self.tc.deterministic)
+            self._build_engine(self.run.policy_for_round(self.cfg, r))
+        if own:
+            client = self._load(own[-1])
+            return client["step"], client.get("probe_topk")
+        if r == 0:
+            return 0, None
+        prev = complete_checkpoints(self.run.stage_dir(r - 1, "train") / "checkpoints")
+        if prev:
+            self._load(prev[-1])
+            return 0, None
+        # Round r-1 was trained elsewhere or its checkpoints were deleted: weights only.
+        self.engine.module.load_state_dict(load_student(self.run.policy_for_round(self.cfg, r), self.tc,
+                                                        self.device)[0].state_dict())
+        self.engine.fast_forward(round_steps * r)
+        seed_everything(derive_seed(self.cfg.seed, "train-init", r, self.rank), self.tc.deterministic)
+        if self.rank == 0:
+            tqdm.write(f"warning: round {r - 1} has no complete checkpoint, so round {r} continues from its student "
+                       f"with a new optimiser (Adam's first steps move every weight by about lr); the LR schedule "
+                       f"stays global")
+        return 0, None
+
+    def _build_engine(self, policy: Path) -> None:
+        model, dtype = load_student(check_model_dir(policy, "student"), self.tc, self.device)
+        lr_lambda = lambda g: lr_factor(g, self.total_steps, self.tc)  # noqa: E731 (global step)
+        self.engine = (DeepSpeedEngine(model, self.tc, lr_lambda, bf16=dtype == torch.bfloat16) if self.tc.deepspeed
+                       else TorchEngine(model, self.tc, lr_lambda))
+
+    def _load(self, ckpt: Path) -> dict:
+        client = self.engine.load(ckpt)
+        rng_file = ckpt / f"rng-rank{self.rank}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-    if rank == 0:
-        train_dir.mkdir(parents=True, exist_ok=True)
-        keep = [l for l in (metrics_path.read_text().splitlines() if metrics_path.is_file() else [])
-                if json.loads(l)["step"] <= start]
-        atomic_write_text(metrics_path, "".join(l + "\n" for l in keep))  # steps after the checkpoint are redone
-        tqdm.write(f"train round {round_index}: {rows.num_rows} responses, {len(steps)} steps, objective {tc.objective}; "
-                   f"{NORMALISATION}" + (f"; resuming after step {start}" if start else ""))
-    tb = _tensorboard(train_dir) if (tc.tensorboard and rank == 0) else None
-    probe = probe_rows(rows, tc.probe_tokens)
-    metrics = None
-    bar = tqdm(total=len(steps), initial=start, desc=f"train round {round_index}", unit="step", disable=rank != 0)
-    # A SIGTERM waits for the step boundary below: checkpoint, then stop.
-    with PREEMPTION.deferred():
-        for s in range(start, len(steps)):
+            set_rng_state(load_rng_state(rng_file))
+        return client
+
+    def _steps(self, r: int, rows: TeacherRows, steps: list, start: int, probe_prev) -> TrainSummary:
+        tc, rank, engine, device = self.tc, self.rank, self.engine, self.device
+        objective = objective_config(tc)
+        offset = len(steps) * r
+        train_dir = self.run.stage_dir(r, "train")
+        ckpt_dir, metrics_path = train_dir / "checkpoints", train_dir / "metrics.jsonl"
+        if rank == 0:
+            _hold_train_lock(train_dir)
+            keep = [l for l in (metrics_path.read_text().splitlines() if metrics_path.is_file() else [])
+                    if json.loads(l)["step"] <= start]
+            atomic_write_text(metrics_path, "".join(l + "\n" for l in keep))  # steps after the checkpoint are redone
+            tqdm.write(f"train round {r}: {rows.num_rows} responses, {len(steps)} steps, objective {tc.objective}; "
+                       f"{NORMALISATION}" + (f"; resuming after step {start}" if start else ""))
+        tb = _tensorboard(train_dir) if (tc.tensorboard and rank == 0) else None
+        probe = probe_rows(rows, tc.probe_tokens)
+        metrics, engine_seconds, probe_seconds = None, 0.0, 0.0
+        bar = tqdm(total=len(steps), initial=start, desc=f"train round {r}", unit="step", disable=rank != 0)
+        # A SIGTERM waits for the step boundary below: checkpoint, then stop.
+        with PREEMPTION.deferred():
+            for s in range(start, len(steps)):
+                t0 = time.perf_counter()
+                lr = engine.lr  # the rate this step's update uses (the scheduler moves on inside it)
+                stats, grad_norm, seconds = self._step(rows, steps[s], objective)
+                engine_seconds += seconds
+                elapsed = time.perf_counter() - t0
+                head = engine.module.get_output_embeddings().weight
+                with torch.no_grad():
+                    probe_ids = student_topk_ids(response_hidden(engine.module, rows, probe, device), head, k=10)
+                probe_seconds += time.perf_counter() - t0 - elapsed
+                change = topk_jaccard_distance(probe_prev, probe_ids) if probe_prev is not None else math.nan
+                probe_prev = probe_ids.cpu()
+                metrics = {"round": r, "step": s + 1, "global_step": offset + s + 1, "lr": lr,
+                           "grad_norm": grad_norm, **summarize_stats(stats), "top10_change": change,
+                           "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / elapsed}
+                if rank == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                    if tb is not None:
+                        for k, v in metrics.items():
+                            tb.add_scalar(f"train/{k}", v, offset + s + 1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", gate=f"{metrics['gate_fraction']:.2f}",
+                                    tok_s=f"{metrics['tokens_per_s']:,.0f}")
+                    bar.update(1)
+                test_pause("train_step", s + 1)
+                preempt = all_reduce_sum([float(PREEMPTION.requested)])[0] > 0  # any rank told to stop: all stop here
+                if (s + 1) % tc.checkpoint_every == 0 or preempt or s + 1 == len(steps):
+                    save_checkpoint(engine, ckpt_dir, s + 1, {"step": s + 1, "probe_topk": probe_prev}, rank,
+                                    tc.keep_checkpoints)
+                if preempt:
+                    bar.close()
+                    raise Preempted()
+        bar.close()
+        return TrainSummary(self.run.student_dir(r), len(steps) - start, len(steps), start, metrics,
+                            engine_seconds=engine_seconds, probe_seconds=probe_seconds)
+
+    def _step(self, rows: TeacherRows, step: list, objective: ObjectiveConfig) -> tuple[dict, float, float]:
+        """One optimiser step over `step` (ranks -> micro-batches -> rows): (summed stats, grad norm,
+        seconds inside forward/backward/optimiser)."""
+        tc, engine, device = self.tc, self.engine, self.device
+        all_rows = [i for micro in step for mb in micro for i in mb]
+        normalizer = float(sum(rows.response_length(i) for i in all_rows))
+        # The gate threshold of a quantile gate is the quantile of the whole step's entropies.
+        tau = tc.tau if tc.gate_quantile is None else float(torch.quantile(rows.token_batch(all_rows).teacher_entropy,
+                                                                           tc.gate_quantile))
+        parts, seconds = [], 0.0
+        head = engine.module.get_output_embeddings().weight
+        micro_batches = step[self.rank]
+        for j, mb in enumerate(micro_batches):
+            # An empty micro-batch (ranks with fewer rows) backpropagates a zero loss on one row.
+            weight, mb = (1.0, mb) if mb else (0.0, [r for m in micro_batches for r in m][:1])
+            batch = rows.token_batch(mb).to(device)
             t0 = time.perf_counter()
-            all_rows = [i for micro in steps[s] for mb in micro for i in mb]
-            normalizer = float(sum(rows.response_length(i) for i in all_rows))
-            # The gate threshold of a quantile gate is the quantile of the whole step's entropies.
-            tau = tc.tau if tc.gate_quantile is None else float(torch.quantile(rows.token_batch(all_rows).teacher_entropy, tc.gate_quantile))
-            parts = []
-            head = engine.module.get_output_embeddings().weight
-            micro_batches = steps[s][rank]
-            for j, mb in enumerate(micro_batches):
-                # An empty micro-batch (ranks with fewer rows) backpropagates a zero loss on one row.
-                weight, mb = (1.0, mb) if mb else (0.0, [r for m in micro_batches for r in m][:1])
-                batch = rows.token_batch(mb).to(device)
-                t_engine = time.perf_counter()
-                hidden = response_hidden(engine.module, rows, mb, device)
-                gate = entropy_gate(batch.teacher_entropy, tau)
-                loss, stats = chunked_objective(hidden, head, batch, objective, normalizer, tc.loss_chunk, gate)
-                if not weight:
-                    loss, stats = loss * 0.0, {k: 0.0 for k in stats}
-                engine.backward(loss, is_last_micro_batch=j == len(micro_batches) - 1)
-                engine_seconds += time.perf_counter() - t_engine
-                parts.append(stats)
-            t_engine = time.perf_counter()
-            grad_norm = engine.step()
-            engine_seconds += time.perf_counter() - t_engine
-            stats = merge_stats(parts)
-            keys = sorted(stats)
-            stats = dict(zip(keys, all_reduce_sum([stats[k] for k in keys])))
-            elapsed = time.perf_counter() - t0
-            with torch.no_grad():
-                probe_ids = student_topk_ids(response_hidden(engine.module, rows, probe, device), head, k=10)
-            probe_seconds += time.perf_counter() - t0 - elapsed
-            change = topk_jaccard_distance(probe_prev, probe_ids) if probe_prev is not None else math.nan
-            probe_prev = probe_ids.cpu()
-            metrics = {"round": round_index, "step": s + 1, "global_step": offset + s + 1, "lr": engine.lr,
-                       "grad_norm": grad_norm, **summarize_stats(stats), "top10_change": change,
-                       "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / elapsed}
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                if tb is not None:
-                    for k, v in metrics.items():
-                        tb.add_scalar(f"train/{k}", v, offset + s + 1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", gate=f"{metrics['gate_fraction']:.2f}",
-                                tok_s=f"{metrics['tokens_per_s']:,.0f}")
-                bar.update(1)
-            test_pause("train_step", s + 1)
-            preempt = all_reduce_sum([float(PREEMPTION.requested)])[0] > 0  # any rank told to stop: all stop here
-            if (s + 1) % tc.checkpoint_every == 0 or preempt or s + 1 == len(steps):
-                save_checkpoint(engine, ckpt_dir, s + 1, {"step": s + 1, "probe_topk": probe_prev}, rank, tc.keep_checkpoints)
-            if preempt:
-                bar.close()
-                raise Preempted()
-    bar.close()
-    if rank == 0:
-        write_student(engine.module, check_model_dir(cfg.student.path, "student"), out)
-    barrier()
-    return TrainSummary(out, len(steps) - start, len(steps), start, metrics,
-                        time.perf_counter() - wall0, load_seconds, engine_seconds, probe_seconds)
+            hidden = response_hidden(engine.module, rows, mb, device)
+            gate = entropy_gate(batch.teacher_entropy, tau)
+            loss, stats = chunked_objective(hidden, head, batch, objective, normalizer, tc.loss_chunk, gate)
+            if not weight:
+                loss, stats = loss * 0.0, {k: 0.0 for k in stats}
+            engine.backward(loss, is_last_micro_batch=j == len(micro_batches) - 1)
+            seconds += time.perf_counter() - t0
+            parts.append(stats)
+        t0 = time.perf_counter()
+        grad_norm = engine.step()
+        seconds += time.perf_counter() - t0
+        stats = merge_stats(parts)
+        keys = sorted(stats)
+        return dict(zip(keys, all_reduce_sum([stats[k] for k in keys]))), grad_norm, seconds
+
+
+def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: bool = False) -> TrainSummary:
+    """`eopd-pipe train`: one round, continuing the optimisation of the rounds before it."""
+    if (run.student_dir(round_index) / "config.json").is_file():
+        return TrainSummary(run.student_dir(round_index), 0, 0, 0, None)
+    return Trainer(run, cfg, allow_config_change).train_round(round_index)
 
 
 def _tensorboard(train_dir: Path):
