@@ -9,9 +9,14 @@ Recipe (report RUN_DIR):
   4. a plot without data is skipped; a run with nothing to plot at all is an error
 
 Recipe (compare RUN_A RUN_B ... --out DIR):
-  1. per run: the objective (RUN_DIR/config.yaml), its `final` eval, its last round's metrics
+  1. per run: the objective and seed (RUN_DIR/config.yaml), its `final`, `base` and `teacher`
+     evals, its last round's metrics
   2. a text table side by side, and DIR/compare.png: pass@k of each run's final model (base model
      dashed) and student entropy over training; the table also goes to DIR/compare.txt
+  3. when two or more runs share an objective (seeds of one setting): a second table with the
+     mean +- sample standard deviation of every column per objective (the base student and the
+     teacher as rows of their own), and a plot with error bars instead (pass@k, final pass@1 per
+     seed, student entropy with a +-1 std band); the seeds are named in table and plot
 """
 
 from __future__ import annotations
@@ -229,6 +234,8 @@ class RunSummary:
     final: dict[str, Any] | None
     base: dict[str, Any] | None
     metrics: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    seed: Any = None
+    teacher: dict[str, Any] | None = None
 
 
 def describe_objective(cfg: dict[str, Any]) -> str:
@@ -254,7 +261,8 @@ def summarize_run(run: RunDir, label: str) -> RunSummary:
     except yaml.YAMLError as e:
         raise UserError(f"{run.config_path} is not valid YAML: {e}") from None
     evals = run_evals(run)
-    return RunSummary(label, describe_objective(cfg), evals.get("final"), evals.get("base"), run_metrics(run))
+    return RunSummary(label, describe_objective(cfg), evals.get("final"), evals.get("base"), run_metrics(run),
+                      seed=cfg.get("seed"), teacher=evals.get("teacher"))
 
 
 def _labels(runs: Sequence[RunDir]) -> list[str]:
@@ -269,28 +277,88 @@ def _fmt(value: Any, scale: float = 1.0, digits: int = 3) -> str:
     return f"{scale * value:.{digits}f}"
 
 
+# The compared columns: (header, value of a run's summary); eval columns read the final model.
+def _eval_columns(result: dict[str, Any] | None) -> list[float]:
+    f = result or {}
+    passk = f.get("pass_at_k", {})
+    nan = math.nan
+    return [100 * passk.get("1", nan), 100 * passk.get(str(f.get("samples")), nan), 100 * f.get("avg_at_k", nan),
+            f.get("mean_token_entropy", nan), f.get("mean_distinct_correct", nan)]
+
+
+def _train_columns(s: RunSummary) -> list[float]:
+    last = s.metrics[max(s.metrics)] if s.metrics else []
+    return [_nanmean([r.get(k) for r in last])
+            for k in ("student_entropy", "student_entropy_high_entropy", "fkl_high_entropy", "gate_fraction")]
+
+
+VALUE_HEADER = ["pass@1", "pass@k", "Avg@k", "entropy", "distinct ok",
+                "train H(student)", "H(student) high-H", "FKL high-H", "gate frac"]
+VALUE_DIGITS = [1, 1, 1, 3, 2, 3, 3, 3, 3]
+TABLE_NOTE = ("\n(eval of each run's final model: pass@k, Avg@k in %, k = samples per problem, entropy = mean token entropy"
+              "\n in nats, distinct ok = distinct correct responses per problem (solution paths); training means over"
+              "\n the last round's steps: student token entropy (all tokens; on teacher tokens above the entropy gate),"
+              "\n forward KL on those gated tokens, share of tokens gated)")
+
+
+def _values(s: RunSummary) -> list[float]:
+    return _eval_columns(s.final) + _train_columns(s)
+
+
 def compare_table(summaries: Sequence[RunSummary]) -> str:
-    header = ["run", "objective", "k", "pass@1", "pass@k", "Avg@k", "entropy", "distinct ok",
-              "train H(student)", "H(student) high-H", "FKL high-H", "gate frac"]
+    header = ["run", "objective", "seed", "k", *VALUE_HEADER]
     rows = []
     for s in summaries:
         f = s.final or {}
-        last = s.metrics[max(s.metrics)] if s.metrics else []
-        rows.append([
-            s.label, s.objective, str(f.get("samples", "-")),
-            _fmt(f.get("pass_at_k", {}).get("1"), 100, 1),
-            _fmt(f.get("pass_at_k", {}).get(str(f.get("samples"))), 100, 1),
-            _fmt(f.get("avg_at_k"), 100, 1), _fmt(f.get("mean_token_entropy")), _fmt(f.get("mean_distinct_correct"), digits=2),
-            _fmt(_nanmean([r.get("student_entropy") for r in last])),
-            _fmt(_nanmean([r.get("student_entropy_high_entropy") for r in last])),
-            _fmt(_nanmean([r.get("fkl_high_entropy") for r in last])),
-            _fmt(_nanmean([r.get("gate_fraction") for r in last])),
-        ])
-    return (render_table(header, rows)
-            + "\n(eval of each run's final model: pass@k, Avg@k in %, k = samples per problem, entropy = mean token entropy"
-            "\n in nats, distinct ok = distinct correct responses per problem; training means over the last round's steps:"
-            "\n student token entropy (all tokens; on teacher tokens above the entropy gate), forward KL on those"
-            "\n gated tokens, share of tokens gated)")
+        rows.append([s.label, s.objective, "-" if s.seed is None else str(s.seed), str(f.get("samples", "-")),
+                     *(_fmt(v, digits=d) for v, d in zip(_values(s), VALUE_DIGITS))])
+    return render_table(header, rows) + TABLE_NOTE
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, sample standard deviation (n - 1), n) of the finite values; std NaN below 2 values."""
+    good = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not good:
+        return math.nan, math.nan, 0
+    mean = sum(good) / len(good)
+    std = math.sqrt(sum((v - mean) ** 2 for v in good) / (len(good) - 1)) if len(good) > 1 else math.nan
+    return mean, std, len(good)
+
+
+def _pm(values: Sequence[float], digits: int) -> str:
+    mean, std, n = mean_std(values)
+    if n == 0:
+        return "-"
+    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def group_by_objective(summaries: Sequence[RunSummary]) -> dict[str, list[RunSummary]]:
+    groups: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        groups.setdefault(s.objective, []).append(s)
+    return groups
+
+
+def _seeds(runs: Sequence[RunSummary]) -> str:
+    return ",".join("?" if s.seed is None else str(s.seed) for s in runs)
+
+
+def grouped_table(summaries: Sequence[RunSummary]) -> str:
+    """Mean ± sample std over the runs of each objective (and of the base student and teacher
+    evals the runs hold), every column of compare_table."""
+    header = ["objective", "runs", "seeds", *VALUE_HEADER]
+    rows = []
+    for who in ("base", "teacher"):
+        found = [s for s in summaries if getattr(s, who)]
+        if found:
+            cols = list(zip(*[_eval_columns(getattr(s, who)) for s in found]))
+            rows.append([f"{who} student" if who == "base" else who, str(len(found)), _seeds(found),
+                         *(_pm(c, d) for c, d in zip(cols, VALUE_DIGITS)), *["-"] * 4])
+    for objective, runs in group_by_objective(summaries).items():
+        cols = list(zip(*[_values(s) for s in runs]))
+        rows.append([objective, str(len(runs)), _seeds(runs), *(_pm(c, d) for c, d in zip(cols, VALUE_DIGITS))])
+    return (render_table(header, rows) + "\n(mean ± sample standard deviation over the runs of each row, seeds named;"
+            "\n base student and teacher: their evals in those runs, sampled with each run's seed)")
 
 
 def _legend(s: RunSummary) -> str:
@@ -310,6 +378,14 @@ def compare_runs(runs: Sequence[RunDir], out_dir: Path) -> tuple[str, Path]:
                         + " has an eval/final.json or training metrics yet; run `eopd-pipe run` (or train and "
                         "`eopd-pipe eval RUN_DIR --model final`) first")
     table = compare_table(summaries)
+    grouped = any(len(g) > 1 for g in group_by_objective(summaries).values())
+    if grouped:
+        table += "\n\n" + grouped_table(summaries)
+        fig = _grouped_figure(summaries)
+        out_dir = Path(out_dir)
+        png = save_png(fig, out_dir / "compare.png")
+        atomic_write_text(out_dir / "compare.txt", table + "\n")
+        return table, png
 
     import matplotlib
 
@@ -347,3 +423,69 @@ def compare_runs(runs: Sequence[RunDir], out_dir: Path) -> tuple[str, Path]:
     png = save_png(fig, out_dir / "compare.png")
     atomic_write_text(out_dir / "compare.txt", table + "\n")
     return table, png
+
+
+def _grouped_figure(summaries: Sequence[RunSummary]):
+    """Error-bar plot of runs grouped by objective: pass@k mean ± std (base student and teacher
+    too), final pass@1 of every seed with the group mean ± std, student entropy mean ± std."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10"].colors
+    fig, (ax_pass, ax_one, ax_ent) = _figure(3)
+    groups = group_by_objective(summaries)
+    max_k = 1
+
+    def curve(results, label, **style):
+        nonlocal max_k
+        curves = [dict(zip(*pass_curve(r))) for r in results]
+        ks = sorted(set.intersection(*(set(c) for c in curves)))
+        stats = [mean_std([100 * c[k] for c in curves]) for k in ks]
+        ax_pass.errorbar(ks, [m for m, _, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd, _ in stats],
+                         capsize=3, label=label, **style)
+        max_k = max(max_k, ks[-1])
+
+    for who, style in (("base", dict(color="grey", linestyle="--")), ("teacher", dict(color="black", linestyle=":"))):
+        found = [s for s in summaries if getattr(s, who)]
+        if found:
+            curve([getattr(s, who) for s in found], f"{'base student' if who == 'base' else who} "
+                  f"(seeds {_seeds(found)})", **style)
+    names = list(groups)
+    for i, (objective, runs) in enumerate(groups.items()):
+        color = colors[i % len(colors)]
+        finals = [s for s in runs if s.final]
+        if finals:
+            curve([s.final for s in finals], f"{objective} (seeds {_seeds(finals)})", color=color, marker="o")
+            ones = [100 * s.final["pass_at_k"]["1"] for s in finals]
+            mean, std, _ = mean_std(ones)
+            ax_one.bar(i, mean, yerr=0 if math.isnan(std) else std, capsize=5, color=color, alpha=0.5)
+            ax_one.scatter([i] * len(ones), ones, color=color, zorder=3, s=14)
+        by_step: dict[int, list[float]] = {}
+        for s in runs:
+            for x, y in zip(*_series([rec for r in sorted(s.metrics) for rec in s.metrics[r]], "student_entropy")):
+                by_step.setdefault(x, []).append(y)
+        if by_step:
+            xs = sorted(by_step)
+            stats = [mean_std(by_step[x]) for x in xs]
+            mean = [m for m, _, _ in stats]
+            std = [0.0 if math.isnan(sd) else sd for _, sd, _ in stats]
+            ax_ent.plot(xs, mean, color=color, linewidth=1.2, label=f"{objective} (seeds {_seeds(runs)})")
+            ax_ent.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                                color=color, alpha=0.2, linewidth=0)
+    for who, style in (("base", dict(color="grey", linestyle="--")), ("teacher", dict(color="black", linestyle=":"))):
+        found = [100 * getattr(s, who)["pass_at_k"]["1"] for s in summaries if getattr(s, who)]
+        if found:
+            ax_one.axhline(mean_std(found)[0], label="base student" if who == "base" else who, **style)
+    _style_passk(ax_pass, max_k)
+    ax_pass.set_title("pass@k, mean ± std over seeds", fontsize=10)
+    ax_pass.legend(fontsize=7)
+    ax_one.set_xticks(range(len(names)), names, fontsize=8)
+    ax_one.set_ylabel("pass@1 (%)")
+    ax_one.set_title("final pass@1: each seed (dots), mean ± std (bars)", fontsize=10)
+    ax_one.grid(alpha=0.3, axis="y")
+    ax_one.legend(fontsize=7)
+    ax_ent.set_title("student token entropy during training, mean ± std", fontsize=10)
+    ax_ent.set_xlabel("global step")
+    ax_ent.set_ylabel("nats")
+    ax_ent.grid(alpha=0.3)
+    ax_ent.legend(fontsize=7)
+    return fig

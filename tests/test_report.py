@@ -54,14 +54,16 @@ def eval_result(model: str, correct: list[int], samples: int = 8) -> dict:
 
 
 def write_run(root: Path, objective: str, *, rounds: int = 2, entropy_slope: float = 0.0, final_correct=None,
-              with_base: bool = True) -> RunDir:
+              with_base: bool = True, seed: int = 0, teacher_correct=None) -> RunDir:
     root.mkdir(parents=True)
-    (root / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "train": {"objective": objective, "tau": 0.8, "lam": 1.0}}))
+    (root / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "train": {"objective": objective, "tau": 0.8, "lam": 1.0}}))
     if rounds:
         write_metrics(root, rounds, entropy_slope)
     (root / "eval").mkdir()
     if with_base:
         (root / "eval" / "base.json").write_text(json.dumps(eval_result("base", [0, 1, 2, 0])))
+    if teacher_correct is not None:
+        (root / "eval" / "teacher.json").write_text(json.dumps(eval_result("teacher", teacher_correct)))
     if final_correct is not None:
         (root / "eval" / "final.json").write_text(json.dumps(eval_result("final", final_correct)))
     return RunDir(root)
@@ -155,8 +157,38 @@ def test_compare_run_without_final_eval_and_same_names(tmp_path):
     table, png = compare_runs([a, b], tmp_path / "out")
     assert_png(png)
     row_a = next(l for l in table.splitlines() if l.startswith("a/run"))
-    assert row_a.split()[1:6] == ["rkl", "-", "-", "-", "-"]  # no final eval: dashes, training columns filled
+    assert row_a.split()[1:7] == ["rkl", "0", "-", "-", "-", "-"]  # no final eval: dashes, training columns filled
     assert any(l.startswith("b/run") and "full lam=1" in l for l in table.splitlines())
+
+
+def test_compare_groups_seeds_by_objective_with_mean_and_std(tmp_path):
+    finals = {"rkl": [[2, 8, 0, 1], [4, 8, 0, 1], [6, 8, 0, 1]], "eopd": [[4, 8, 1, 3], [4, 8, 1, 3]]}
+    runs = [write_run(tmp_path / f"{obj}-s{seed}", obj, seed=seed, final_correct=c, teacher_correct=[8, 8, 8, 7])
+            for obj, cs in finals.items() for seed, c in enumerate(cs)]
+    table, png = compare_runs(runs, tmp_path / "out")
+    assert_png(png)
+    per_run, grouped = table.split("\n\n")
+    assert "rkl-s2" in per_run and " seed " in per_run.splitlines()[0]
+    lines = grouped.splitlines()
+    rkl = next(l for l in lines if l.startswith("rkl "))
+    eopd = next(l for l in lines if l.startswith("eopd "))
+    # rkl pass@1: 11/32, 13/32, 15/32 -> 40.6 ± 6.25 (sample std); eopd: 16/32 twice -> 50.0 ± 0.0.
+    assert " 3 " in rkl and "0,1,2" in rkl and "40.6 ± 6.2" in rkl
+    assert " 2 " in eopd and "0,1" in eopd and "50.0 ± 0.0" in eopd
+    base = next(l for l in lines if l.startswith("base student"))
+    teacher = next(l for l in lines if l.startswith("teacher"))
+    assert "9.4 ± 0.0" in base and "96.9 ± 0.0" in teacher and " 5 " in teacher
+    # The training columns are there too: student entropy constant 1.5 in every run.
+    assert rkl.count("1.500 ± 0.000") == 1
+
+
+def test_mean_std():
+    from stages.report import mean_std
+
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
+    m, s, n = mean_std([5.0, math.nan])
+    assert (m, n) == (5.0, 1) and math.isnan(s)
+    assert mean_std([])[2] == 0
 
 
 def test_compare_refuses_bad_run_dirs(tmp_path):
