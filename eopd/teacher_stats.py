@@ -47,7 +47,8 @@ def chunked_token_stats(hidden: Tensor, lm_head_weight: Tensor, target_ids: Tens
     """Teacher statistics for logits z = hidden @ W^T (+ b), exact over the full vocabulary.
 
     hidden [T, H] are the final (post-norm) hidden states; W [V, H]. Any dtype: each block is
-    computed in fp32. The largest temporaries are two fp32 [token_chunk, vocab_chunk or V] blocks.
+    computed in fp32. The largest temporaries are two fp32 [token_chunk, vocab_chunk or V] blocks,
+    allocated once per call and reused for every token block.
 
     Over the vocabulary blocks of one token block, with m the running max logit:
         s = sum_v exp(z_v - m),   a = sum_v exp(z_v - m) (z_v - m)
@@ -80,6 +81,12 @@ def chunked_token_stats(hidden: Tensor, lm_head_weight: Tensor, target_ids: Tens
                      torch.empty(T, dtype=torch.float32, device=dev),
                      torch.empty(T, dtype=torch.float32, device=dev))
     neg = torch.finfo(torch.float32).min  # finite start for m: keeps s (m - m') free of 0 * inf
+    # Two [token_chunk, block] fp32 buffers for the whole call: a fresh 600 MB tensor per chunk
+    # (V = 151,936) costs page faults on a CPU, as much as a pass over it.
+    width = max(v1 - v0 for v0, v1 in blocks)
+    z_buf = torch.empty(min(token_chunk, T) * width, device=dev)  # flat: every view of it is contiguous
+    e_buf = torch.empty_like(z_buf)
+    lean = dev.type == "cpu"  # fewer passes over the block; on a GPU the passes are cheap, a host sync is not
     for t0 in range(0, T, token_chunk):
         t1 = min(t0 + token_chunk, T)
         h, tgt, n = hidden[t0:t1].float(), target_ids[t0:t1], t1 - t0
@@ -91,7 +98,7 @@ def chunked_token_stats(hidden: Tensor, lm_head_weight: Tensor, target_ids: Tens
         best_id = torch.empty(n, 0, dtype=torch.long, device=dev)
         for v0, v1 in blocks:
             w = w_full if w_full is not None else lm_head_weight[v0:v1].float()
-            z = h @ w.T  # [n, v1 - v0] fp32
+            z = torch.matmul(h, w.T, out=z_buf[: n * (v1 - v0)].view(n, v1 - v0))  # [n, v1 - v0] fp32
             if b_full is not None:
                 z += b_full[v0:v1]
             # target logit, if the target falls in this block (gather + where: no host sync)
@@ -103,17 +110,23 @@ def chunked_token_stats(hidden: Tensor, lm_head_weight: Tensor, target_ids: Tens
             best_val, pos = torch.cat([best_val, val], 1).topk(min(k, best_val.shape[1] + val.shape[1]), dim=1)
             best_id = torch.cat([best_id, idx + v0], 1).gather(1, pos)
             # streaming log-sum-exp and entropy accumulators, relative to the running max
-            m_new = torch.maximum(m, z.max(1).values)
+            m_new = torch.maximum(m, val[:, 0])  # topk is sorted: its first column is the block's max
             z -= m_new.unsqueeze(1)
-            z.clamp_(min=-1e4)  # -inf -> -1e4: exp() still 0, but 0 * z stays 0, not nan
-            e = z.exp()
-            s_blk = e.sum(1)
-            a_blk = e.mul_(z).sum(1)  # in place: at most two [n, block] fp32 tensors live
+            if lean:
+                e = torch.exp(z, out=e_buf[: n * (v1 - v0)].view(n, v1 - v0))
+                s_blk = e.sum(1)
+                a_blk = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(n)  # sum e * z, no [n, block] product
+                if not torch.isfinite(a_blk).all():  # -inf logits (masked): 0 * -inf; redo those clamped
+                    a_blk = e.mul_(z.clamp_(min=-1e4)).sum(1)
+            else:
+                z.clamp_(min=-1e4)  # -inf -> -1e4: exp() still 0, but 0 * z stays 0, not nan
+                e = torch.exp(z, out=e_buf[: n * (v1 - v0)].view(n, v1 - v0))
+                s_blk = e.sum(1)
+                a_blk = e.mul_(z).sum(1)
             scale = torch.exp(m - m_new)
             a = scale * (a + s * (m - m_new)) + a_blk
             s = scale * s + s_blk
             m = m_new
-            del z, e
         log_z = m + s.log()
         out.topk_ids[t0:t1] = best_id
         out.topk_logprobs[t0:t1] = best_val - log_z.unsqueeze(1)
