@@ -241,7 +241,10 @@ def _fast_forward(scheduler, global_step: int) -> None:
 
 # Globals a DeepSpeed ZeRO-1/2 checkpoint of ours pickles besides tensors and containers
 # (read from real checkpoints with torch.serialization.get_unsafe_globals_in_checkpoint).
-DEEPSPEED_SAFE_GLOBALS: set[str] = set()
+# Each is a plain data class or enum (constructing one runs no code of the file's choosing).
+DEEPSPEED_SAFE_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                          "deepspeed.utils.tensor_fragment.fragment_address",
+                          "deepspeed.runtime.zero.config.ZeroStageEnum"}
 
 
 def check_deepspeed_checkpoint(path: Path) -> None:

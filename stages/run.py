@@ -116,7 +116,7 @@ def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
     from stages.rollout import run_rollout
     from stages.score_teacher import run_score_teacher
 
-    roles = Roles(run, cfg)
+    roles, health = Roles(run, cfg), HealthWatch(run)
     try:
         for r in range(cfg.rounds):
             if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
@@ -127,6 +127,7 @@ def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
                 _require_complete(summary, "score-teacher", r)
             if not run.student_done(r):
                 roles.trainer().train_round(r)
+            health.after_round(r)
     except (Preempted, UserError):
         raise
     except Exception:
@@ -138,6 +139,23 @@ def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
     finally:
         roles.close()
     return roles
+
+
+class HealthWatch:
+    """After each round: one line per sign of divergence (pipeline/health.py), said as it happens."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run, self.previous = run, None
+
+    def after_round(self, r: int) -> None:
+        from pipeline.health import health_warnings, round_health
+
+        if self.previous is None and r > 0:
+            self.previous = round_health(self.run.root, r - 1)
+        current = round_health(self.run.root, r)
+        for line in health_warnings(current, self.previous):
+            click.secho(f"warning: {line}", fg="yellow", err=True)
+        self.previous = current
 
 
 def _require_complete(summary, stage: str, r: int) -> None:
@@ -154,6 +172,7 @@ def run_all(run: RunDir, cfg: Config, allow_config_change: bool = False, per_sta
     root = str(run.root)
     if not per_stage_processes and cfg.train.processes <= 1:
         run_rounds_persistent(run, cfg)
+    health = HealthWatch(run)
     for r in range(cfg.rounds):
         if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
             run_stage(["rollout", root, "--round", str(r)])
@@ -161,6 +180,7 @@ def run_all(run: RunDir, cfg: Config, allow_config_change: bool = False, per_sta
             run_stage(["score-teacher", root, "--round", str(r)])
         if not run.student_done(r):
             run_stage(["train", root, "--round", str(r)], train_launcher(cfg))
+            health.after_round(r)
     evaluated = []
     if cfg.eval.prompts is not None:
         for model in cfg.eval.models:

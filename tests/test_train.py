@@ -118,3 +118,54 @@ def test_bad_teacher_inputs_are_refused(scored, tmp_path):
     res = run_cli("train", run)
     assert res.returncode == 2 and "no teacher shards" in res.stderr and "score-teacher" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def two_round_copy(run: Path, dest: Path) -> Path:
+    """A copy of the scored run whose round 1 reuses round 0's teacher shards (training reads only
+    those), so two rounds of training can be compared without more rollouts."""
+    fresh_copy(run, dest)
+    shutil.copytree(dest / "round-0000" / "teacher", dest / "round-0001" / "teacher")
+    return dest
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(l)["loss"] for r in (0, 1) for l in
+            (run / f"round-{r:04d}" / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("zero,ranks", [(0, 1), (1, 1), (2, 1), (2, 2)])
+def test_rounds_continue_one_optimisation(scored, tmp_path, zero, ranks):
+    """Plain torch (zero 0) and DeepSpeed ZeRO-1/2 on one and two ranks: round 1 trained by its own
+    `eopd-pipe train` process continues round 0's optimiser exactly, i.e. takes the steps one
+    process takes through both rounds without a boundary (tests/scripts/train_rounds.py); with
+    round 0's checkpoints gone (a fresh AdamW) it does not."""
+    _, run = scored
+    sets = []
+    if zero:
+        ds = tmp_path / f"zero{zero}.json"
+        ds.write_text(json.dumps({"zero_optimization": {"stage": zero}, "bf16": {"enabled": "auto"}}))
+        sets = ["--set", f"train.deepspeed={ds}"]
+    env = {**__import__("os").environ, **CLI_ENV, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+
+    def launch(args: list[str]) -> None:
+        proc = subprocess.run((torchrun if ranks > 1 else [sys.executable]) + args, cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    continuous = two_round_copy(run, tmp_path / "continuous")
+    launch(["tests/scripts/train_rounds.py", str(continuous), "0", "1", *sets])
+    carried = two_round_copy(run, tmp_path / "carried")
+    for r in (0, 1):
+        launch(["-m", "pipeline.cli", "train", str(carried), "--round", str(r), *sets, "--allow-config-change"])
+    expected = losses(continuous)
+    assert len(expected) == 12
+    assert losses(carried) == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(carried, fresh, ignore=shutil.ignore_patterns("round-0001"))
+    shutil.copytree(carried / "round-0001" / "teacher", fresh / "round-0001" / "teacher")
+    shutil.rmtree(fresh / "round-0000" / "train" / "checkpoints")
+    launch(["-m", "pipeline.cli", "train", str(fresh), "--round", "1", *sets, "--allow-config-change"])
+    got = losses(fresh)
+    assert got[:7] == pytest.approx(expected[:7], rel=1e-6, abs=1e-7)  # round 0, and round 1's first loss
+    assert abs(got[7] - expected[7]) > 1e-4  # Adam's moments moved the first step of round 1 differently
