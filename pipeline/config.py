@@ -69,6 +69,8 @@ class VllmConfig(Section):
     # Engine and worker in this process: saves two process spawns (~30 s of start-up on a CPU).
     # null: in-process when there is no GPU and tensor_parallel_size is 1.
     in_process: bool | None = None
+    device: str | None = Field(None, description="GPU for this engine in the persistent `run`, e.g. 'cuda:1' "
+                               "(roles on different GPUs); null: vLLM's default (all visible GPUs from 0)")
 
 
 class RolloutConfig(Section):
@@ -94,6 +96,8 @@ class ScoreTeacherConfig(Section):
     vocab_chunk: int | None = Field(None, ge=1, description="also chunk the vocabulary (streaming log-sum-exp); null: whole rows")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     device_map: str | None = Field(None, description="e.g. 'auto' to spread a teacher over several GPUs (accelerate)")
+    device: str | None = Field(None, description="where the teacher sits, e.g. 'cuda:1'; null: cuda:0 if there is "
+                               "a GPU, else cpu (ignored with device_map)")
     eos_map: dict[str, str] = Field(default_factory=dict, description="student token -> teacher token before scoring, "
                                     "e.g. {'<|endoftext|>': '<|im_end|>'} for a base student and an instruct teacher")
 
@@ -121,6 +125,8 @@ class TrainConfig(Section):
     loss_chunk: int = Field(512, ge=1, description="tokens per chunk of the memory-lean LM-head loss (bench/train_loss.py: 512 at V=151,936)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     gradient_checkpointing: bool = False
+    device: str | None = Field(None, description="single-process training's device, e.g. 'cuda:2' (roles on different "
+                               "GPUs in the persistent `run`); null: cuda:LOCAL_RANK if there is a GPU, else cpu")
     checkpoint_every: int = Field(50, ge=1, description="optimiser steps between checkpoints (also on SIGTERM)")
     keep_checkpoints: int = Field(2, ge=1)
     deepspeed: str | None = Field(None, description="DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); launch with deepspeed/torchrun")

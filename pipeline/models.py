@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -98,8 +99,16 @@ def make_llm(model_path: str | Path, vllm_cfg, seed: int, worker_extension_cls: 
         extra["worker_extension_cls"] = worker_extension_cls
     from vllm import LLM
 
-    return LLM(
-        **extra,
+    if vllm_cfg.device and vllm_cfg.device.startswith("cuda") and not in_process:
+        # The engine process sees only that GPU (it reads CUDA_VISIBLE_DEVICES when it starts);
+        # this process, which may already hold the others, is unaffected.
+        with visible_gpu(vllm_cfg.device):
+            return LLM(**extra, **_llm_args(model_path, vllm_cfg, seed))
+    return LLM(**extra, **_llm_args(model_path, vllm_cfg, seed))
+
+
+def _llm_args(model_path: str | Path, vllm_cfg, seed: int) -> dict:
+    return dict(
         model=str(model_path),
         tokenizer=str(model_path),
         seed=seed,
@@ -110,6 +119,22 @@ def make_llm(model_path: str | Path, vllm_cfg, seed: int, worker_extension_cls: 
         enforce_eager=vllm_cfg.enforce_eager,
         enable_prefix_caching=vllm_cfg.enable_prefix_caching,
     )
+
+
+@contextlib.contextmanager
+def visible_gpu(device: str):
+    """CUDA_VISIBLE_DEVICES narrowed to `device` ('cuda:N' or 'N') for processes started inside."""
+    index = device.split(":")[-1]
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = before.split(",") if before else None
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(index)] if visible else index
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 class GenerationQueue:

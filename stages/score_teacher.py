@@ -48,7 +48,7 @@ def teacher_dtype(cfg: ScoreTeacherConfig, device: torch.device) -> torch.dtype:
 def load_teacher(path: Path, cfg: ScoreTeacherConfig):
     from transformers import AutoModelForCausalLM
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     kwargs = {"dtype": teacher_dtype(cfg, device)}
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map

@@ -208,9 +208,13 @@ class Trainer:
         self.rank, self.world_size = world()
         if self.rank == 0:
             freeze_config(run, cfg, allow_config_change)
-        cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-        if cuda:
+        if self.tc.device and self.world_size == 1:
+            self.device = torch.device(self.tc.device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            self.device = torch.device("cpu")
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.engine: TorchEngine | DeepSpeedEngine | None = None
         self.total_steps = 1  # the global LR schedule's length; read by the scheduler's lambda
