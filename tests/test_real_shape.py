@@ -117,4 +117,5 @@ def test_student_with_more_rows_than_the_teacher_is_refused(family, tmp_path):
                   "--set", f"teacher.path={family.student}", "--allow-config-change")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert "152,064 embedding rows" in res.stderr and "cannot score" in res.stderr
-    assert tree_snapshot(run) == before
+    logs = lambda snap: {k: v for k, v in snap.items() if not k.startswith("logs/")}  # noqa: E731
+    assert logs(tree_snapshot(run)) == logs(before)  # a refused call may append a header to an existing log
