@@ -86,7 +86,9 @@ def rss_at(m: dict, t: float) -> float:
 
 
 def cli(stage: str, run: Path, cfg: Path, *extra: str) -> dict:
-    return measure([sys.executable, "-m", "pipeline.cli", stage, str(run), "--config", str(cfg), *extra])
+    # --allow-config-change: a re-measure (--stages, --set) may change keys of the bench's own run dir
+    return measure([sys.executable, "-m", "pipeline.cli", stage, str(run), "--config", str(cfg),
+                    "--allow-config-change", *extra])
 
 
 def child(kind: str, run: Path, cfg_path: Path) -> dict:
