@@ -10,7 +10,9 @@ Recipe:
   4. decode each response and verify it against the problem's answer: math-verify for `math`,
      the embedded task's exact checker for `toy`
   5. per problem: correct count, distinct final answers, distinct correct responses; overall:
-     pass@1..pass@n (unbiased estimator, mean over problems), Avg@n, mean token entropy, lengths
+     pass@1..pass@n (unbiased estimator, mean over problems), Avg@n, mean token entropy, lengths;
+     for the toy task also the solution paths: the share of responses whose every step is right
+     and distinct orders of the numbers among those per problem (`toy_paths`)
   6. RUN_DIR/eval/MODEL.json, written atomically (summary + one row per problem)
 """
 
@@ -172,6 +174,31 @@ def summarize(per_problem: dict[str, Sequence[Response]], samples: int) -> dict[
     }
 
 
+def toy_paths(per_problem: dict[str, Sequence[Response]], prompts: dict[str, str]) -> dict[str, Any]:
+    """Solution-path diversity on the toy task: a response's path is the order in which it adds the
+    numbers, counted only when every step is right (`pipeline.toy.steps_valid`). Returns the share
+    of strictly valid responses, the mean number of distinct valid paths per problem, and that mean
+    as a share of the paths the samples could show at most (min(samples, terms!))."""
+    from pipeline import toy
+
+    valid_total, distinct, possible, responses = 0, [], [], 0
+    for pid, group in per_problem.items():
+        prompt = prompts[pid]
+        paths = set()
+        for r in group:
+            responses += 1
+            if toy.steps_valid(r.text, prompt):
+                valid_total += 1
+                steps = r.text.strip().split()[:-1]
+                first = steps[0].split("=")[0].split("+")
+                paths.add(tuple(first + [st.split("=")[0].split("+")[1] for st in steps[1:]]))
+        distinct.append(len(paths))
+        possible.append(min(len(group), math.factorial(len(toy.numbers_of(prompt)))))
+    return {"steps_valid_fraction": valid_total / max(1, responses),
+            "mean_distinct_valid_paths": sum(distinct) / max(1, len(distinct)),
+            "valid_path_coverage": sum(distinct) / max(1, sum(possible))}
+
+
 def entropy_note(temperature: float, top_p: float) -> str:
     base = ("mean_token_entropy: the mean over all sampled response tokens of -log q(y_t), q the model's own "
             "next-token distribution (vLLM's raw log-prob of the sampled token, before temperature and top-p)")
@@ -256,6 +283,12 @@ def run_eval(run: RunDir, cfg: Config, model: str, allow_config_change: bool = F
         **({"unparsable_gold": unparsable} if unparsable else {}),
         **summarize(per_problem, ec.samples),
     }
+    if ec.verifier == "toy" and ec.prompts.prompt_field in prompts.column_names:
+        texts = dict(zip(prompt_ids, prompts.column(ec.prompts.prompt_field).to_pylist()))
+        result.update(toy_paths(per_problem, texts))
+        result["notes"].append("steps_valid_fraction, mean_distinct_valid_paths: responses whose every step is right, and "
+                               "per problem their distinct orders of adding the numbers (valid_path_coverage: that over "
+                               "min(samples, terms!))")
     out = run.root / STAGE / f"{model}.json"
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     tqdm.write(f"eval: {model} ({target.path}) -> {out}", file=sys.stderr)
@@ -311,7 +344,9 @@ def format_eval_table(results: Sequence[dict[str, Any]]) -> str:
     if not results:
         return "(no eval results)"
     ks = _k_columns(results)
-    header = ["model", "problems", *(f"pass@{k}" for k in ks), "Avg@k", "k", "entropy", "answers", "distinct ok", "tokens"]
+    paths = any("mean_distinct_valid_paths" in r for r in results)
+    header = ["model", "problems", *(f"pass@{k}" for k in ks), "Avg@k", "k", "entropy", "answers", "distinct ok",
+              *(["steps ok", "paths"] if paths else []), "tokens"]
     rows = []
     for r in results:
         passk = r["pass_at_k"]
@@ -319,9 +354,15 @@ def format_eval_table(results: Sequence[dict[str, Any]]) -> str:
             str(r["model"]), str(r["problems"]),
             *(f"{100 * passk[str(k)]:.1f}" if str(k) in passk else "-" for k in ks),
             f"{100 * r['avg_at_k']:.1f}", str(r["samples"]), f"{r['mean_token_entropy']:.3f}",
-            f"{r['mean_distinct_answers']:.2f}", f"{r['mean_distinct_correct']:.2f}", f"{r['mean_response_tokens']:.1f}",
+            f"{r['mean_distinct_answers']:.2f}", f"{r['mean_distinct_correct']:.2f}",
+            *([f"{100 * r['steps_valid_fraction']:.1f}" if "steps_valid_fraction" in r else "-",
+               f"{r['mean_distinct_valid_paths']:.2f}" if "mean_distinct_valid_paths" in r else "-"] if paths else []),
+            f"{r['mean_response_tokens']:.1f}",
         ])
-    return render_table(header, rows) + "\n(pass@k and Avg@k in %; entropy in nats per token; answers, distinct ok: per problem)"
+    note = "\n(pass@k and Avg@k in %; entropy in nats per token; answers, distinct ok: per problem"
+    if paths:
+        note += ";\n steps ok: % of responses with every step right; paths: distinct orders among those, per problem"
+    return render_table(header, rows) + note + ")"
 
 
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

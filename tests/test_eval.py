@@ -15,7 +15,7 @@ from eopd.passk import mean_pass_at_k
 from pipeline.config import validate
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
-from stages.eval import Response, check_answer, format_eval_table, resolve_model, run_eval, summarize
+from stages.eval import Response, check_answer, format_eval_table, resolve_model, run_eval, summarize, toy_paths
 
 # ----------------------------------------------------------------------------- verifiers
 
@@ -94,6 +94,25 @@ def test_format_eval_table_aligns_models_with_different_k():
     assert base[0] == "base" and base[2] == "25.0" and base[5] == f"{100 * mean_pass_at_k(8, [2], 8):.1f}"
     rnd = lines[3].split()
     assert rnd[0] == "round-0" and rnd[2] == "75.0" and rnd[5] == "-"  # no pass@8 from 4 samples
+
+
+def test_toy_paths_count_valid_orders_only():
+    prompts = {"a": "add 1 2 3 =", "b": "add 4 5 =", "c": "add 7 8 9 ="}
+    ok = lambda t: R(t, True, t.split("#")[-1])  # noqa: E731
+    per_problem = {
+        # two valid orders (one twice), a right answer with a wrong step, a wrong answer
+        "a": [ok(" 1+2=3 3+3=6 #6"), ok(" 3+1=4 4+2=6 #6"), ok(" 1+2=3 3+3=6 #6"), ok(" 1+2=4 4+2=6 #6")],
+        "b": [ok(" 4+5=9 #9"), ok(" 5+4=9 #9"), R(" 4+5=8 #8", False, "8"), ok(" 4+5=9 #9")],
+        "c": [R("junk", False, None)] * 4,
+    }
+    res = toy_paths(per_problem, prompts)
+    assert res["steps_valid_fraction"] == pytest.approx(6 / 12)
+    assert res["mean_distinct_valid_paths"] == pytest.approx((2 + 2 + 0) / 3)
+    assert res["valid_path_coverage"] == pytest.approx(4 / (4 + 2 + 4))  # min(4 samples, 3!), min(4, 2!), min(4, 3!)
+    table = format_eval_table([{"model": "base", "problems": 3, "samples": 4, **summarize(per_problem, 4), **res}])
+    header, _, row = table.splitlines()[:3]
+    assert header.split()[-4:] == ["steps", "ok", "paths", "tokens"]
+    assert row.split()[-3:] == ["50.0", "1.33", row.split()[-1]]
 
 
 # ----------------------------------------------------------------------------- models and bad inputs
