@@ -191,6 +191,18 @@ def test_make_toy_is_idempotent_and_refuses_other_settings(toy):
         toymod.make_toy(toy.root, seed=0, quick=False)
 
 
+def test_student_shape_setting(tmp_path):
+    """The demo's student has the teacher's architecture (fewer SFT steps); the shape is a setting."""
+    assert toymod.DEMO["student_shape"] == "teacher" and toymod.DEMO["student_steps"] < toymod.DEMO["teacher_steps"]
+    assets = toymod.make_toy(tmp_path / "t", quick=True, progress=False, student_shape="teacher",
+                             teacher_steps=1, student_steps=1)
+    assert assets.info["student_params"] == assets.info["teacher_params"]
+    assert assets.info["settings"]["student_shape"] == "teacher"
+    with pytest.raises(ValueError, match="student_shape 'huge' unknown"):
+        toymod.make_toy(tmp_path / "u", quick=True, progress=False, student_shape="huge")
+    assert not (tmp_path / "u").exists()
+
+
 def test_make_toy_quick_is_fast_deterministic_and_atomic(toy, tmp_path, monkeypatch):
     t = time.time()
     other = toymod.make_toy(tmp_path / "again", seed=0, quick=True, progress=False)
