@@ -439,7 +439,7 @@ def _grouped_figure(summaries: Sequence[RunSummary]):
         nonlocal max_k
         curves = [dict(zip(*pass_curve(r))) for r in results]
         ks = sorted(set.intersection(*(set(c) for c in curves)))
-        stats = [mean_std([100 * c[k] for c in curves]) for k in ks]
+        stats = [mean_std([c[k] for c in curves]) for k in ks]  # fractions, as _style_passk's axis
         ax_pass.errorbar(ks, [m for m, _, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd, _ in stats],
                          capsize=3, label=label, **style)
         max_k = max(max_k, ks[-1])
