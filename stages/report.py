@@ -220,7 +220,11 @@ def make_report(run: RunDir) -> list[Path]:
                         f"run `eopd-pipe train` or `eopd-pipe eval` first")
     written = plot_training(metrics, out_dir) if metrics else []
     if evals:
-        written.append(plot_eval(evals, out_dir, f"pass@k on the eval problems ({run.root.name})"))
+        seed = next((r.get("seed") for r in evals.values() if r.get("seed") is not None), None)
+        samples = next((r.get("samples") for r in evals.values() if r.get("samples")), "?")
+        problems = next((r.get("problems") for r in evals.values() if r.get("problems")), "?")
+        written.append(plot_eval(evals, out_dir, f"pass@k on the eval problems ({run.root.name}; seed {seed}: one run, "
+                                                 f"no spread over seeds; {problems} problems x {samples} samples)"))
     return written
 
 
