@@ -104,20 +104,30 @@ def pack_micro_batches(rows: TeacherRows, idx: list[int], budget: int) -> list[l
     return [[ordered[j] for j in mb] for mb in length_sorted_batches(lengths, budget)]
 
 
-def response_hidden(model, rows: TeacherRows, batch: list[int], device: torch.device) -> torch.Tensor:
-    """Final hidden states [n_tokens, H] at the positions that predict each response token."""
-    seqs = [np.concatenate([rows.prompt_ids[i], rows.response_ids[rows.offsets[i]:rows.offsets[i + 1]].numpy()]) for i in batch]
+def response_hidden(model, rows: TeacherRows, batch: list[int], device: torch.device,
+                    limits: list[int] | None = None) -> torch.Tensor:
+    """Final hidden states [n_tokens, H] at the positions that predict each response token (only
+    the first limits[j] response tokens of row batch[j], when given)."""
+    ends = [rows.offsets[i + 1] if limits is None else min(rows.offsets[i + 1], rows.offsets[i] + limits[j])
+            for j, i in enumerate(batch)]
+    seqs = [np.concatenate([rows.prompt_ids[i], rows.response_ids[rows.offsets[i]:end].numpy()])
+            for i, end in zip(batch, ends)]
     return response_hidden_states(model, seqs, [len(rows.prompt_ids[i]) for i in batch], device)
 
 
-def probe_rows(rows: TeacherRows, tokens: int) -> list[int]:
-    out, n = [], 0
+def probe_rows(rows: TeacherRows, tokens: int) -> tuple[list[int], list[int]]:
+    """The probe's fixed token positions: (rows, response tokens used of each), `tokens` in all.
+    Cut to exactly `tokens`, so that a 2,048-token response does not cost a 2,048-token forward per step."""
+    out, limits, n = [], [], 0
     for i in range(rows.num_rows):
-        out.append(i)
-        n += rows.response_length(i)
+        take = min(rows.response_length(i), tokens - n)
+        if take > 0:
+            out.append(i)
+            limits.append(take)
+            n += take
         if n >= tokens:
             break
-    return out
+    return out, limits
 
 
 def init_distributed(tc: TrainConfig) -> None:
@@ -314,7 +324,7 @@ class Trainer:
             tqdm.write(f"train round {r}: {rows.num_rows} responses, {len(steps)} steps, objective {tc.objective}; "
                        f"{NORMALISATION}" + (f"; resuming after step {start}" if start else ""))
         tb = _tensorboard(train_dir) if (tc.tensorboard and rank == 0) else None
-        probe = probe_rows(rows, tc.probe_tokens)
+        probe = probe_rows(rows, tc.probe_tokens)  # (rows, response tokens of each)
         metrics, engine_seconds, probe_seconds = None, 0.0, 0.0
         bar = tqdm(total=len(steps), initial=start, desc=f"train round {r}", unit="step", disable=rank != 0)
         # A SIGTERM waits for the step boundary below: checkpoint, then stop.
@@ -327,7 +337,8 @@ class Trainer:
                 elapsed = time.perf_counter() - t0
                 head = engine.module.get_output_embeddings().weight
                 with torch.no_grad():
-                    probe_ids = student_topk_ids(response_hidden(engine.module, rows, probe, device), head, k=10)
+                    probe_ids = student_topk_ids(response_hidden(engine.module, rows, probe[0], device, probe[1]),
+                                                 head, k=10)
                 probe_seconds += time.perf_counter() - t0 - elapsed
                 change = topk_jaccard_distance(probe_prev, probe_ids) if probe_prev is not None else math.nan
                 probe_prev = probe_ids.cpu()
