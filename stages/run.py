@@ -82,6 +82,7 @@ class Roles:
             from pipeline.work import derive_seed
 
             t0 = time.perf_counter()
+            _warn_if_sharing_a_gpu(self.cfg)
             self._sampler = Sampler(policy, self.cfg.rollout.vllm, seed=derive_seed(self.cfg.seed, "rollouts"),
                                     in_process=False)
             self.load_seconds["rollout"] += time.perf_counter() - t0
@@ -109,6 +110,20 @@ class Roles:
             self._sampler.close()
         self._sampler = self._teacher = self._trainer = None
         gc.collect()
+
+
+def _warn_if_sharing_a_gpu(cfg: Config) -> None:
+    """vLLM takes `gpu_memory_utilization` of its GPU for weights and KV cache; in one process with the
+    teacher and the trainer on the same GPU, a high fraction leaves them nothing."""
+    import torch
+
+    vc = cfg.rollout.vllm
+    shared = {vc.device or "cuda:0"} & {cfg.score_teacher.device or "cuda:0", cfg.train.device or "cuda:0"}
+    if torch.cuda.is_available() and shared and vc.gpu_memory_utilization > 0.5:
+        click.secho(f"warning: vLLM will take {vc.gpu_memory_utilization:.0%} of {shared.pop()}, which the teacher or "
+                    f"the trainer also use in this run; lower rollout.vllm.gpu_memory_utilization (e.g. 0.3), put the "
+                    f"roles on different GPUs (rollout.vllm.device, score_teacher.device, train.device), or run "
+                    f"with --per-stage-processes", fg="yellow", err=True)
 
 
 def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
