@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import signal
-import time
 import subprocess
 import sys
 from pathlib import Path
@@ -74,27 +73,22 @@ class Roles:
     def __init__(self, run: RunDir, cfg: Config) -> None:
         self.run, self.cfg = run, cfg
         self._sampler = self._teacher = self._trainer = None
-        self.load_seconds = {"rollout": 0.0, "score-teacher": 0.0, "train": 0.0}
 
     def sampler(self, policy: Path):
         if self._sampler is None:
             from pipeline.sampler import Sampler
             from pipeline.work import derive_seed
 
-            t0 = time.perf_counter()
             _warn_if_sharing_a_gpu(self.cfg)
             self._sampler = Sampler(policy, self.cfg.rollout.vllm, seed=derive_seed(self.cfg.seed, "rollouts"),
                                     in_process=False)
-            self.load_seconds["rollout"] += time.perf_counter() - t0
         return self._sampler
 
     def teacher(self):
         if self._teacher is None:
             from stages.score_teacher import load_teacher
 
-            t0 = time.perf_counter()
             self._teacher = load_teacher(check_model_dir(self.cfg.teacher.path, "teacher"), self.cfg.score_teacher)
-            self.load_seconds["score-teacher"] += time.perf_counter() - t0
         return self._teacher
 
     def trainer(self):
