@@ -273,7 +273,8 @@ class Trainer:
         if not own and r > 0 and self.holds_end_of == r - 1:
             set_rng_state(self._rng_at_end)  # what else ran in this process (vLLM, teacher) does not count
             return 0, None
-        if self.engine is None:
+        built_now = self.engine is None
+        if built_now:
             # Round 0's RNG comes from the seed; a later round's from the checkpoint it continues.
             seed_everything(derive_seed(self.cfg.seed, "train-init", r, self.rank), self.tc.deterministic)
             self._build_engine(self.run.policy_for_round(self.cfg, r))
@@ -286,9 +287,9 @@ class Trainer:
         if prev:
             self._load(prev[-1])
             return 0, None
-        # Round r-1 was trained elsewhere or its checkpoints were deleted: weights only.
-        self.engine.module.load_state_dict(load_student(self.run.policy_for_round(self.cfg, r), self.tc,
-                                                        self.device)[0].state_dict())
+        # Round r-1 was trained elsewhere or its checkpoints were deleted: its student, a new optimiser.
+        if not built_now:  # an engine from an earlier round holds another state: start one afresh
+            self._build_engine(self.run.policy_for_round(self.cfg, r))
         self.engine.fast_forward(round_steps * r)
         seed_everything(derive_seed(self.cfg.seed, "train-init", r, self.rank), self.tc.deterministic)
         if self.rank == 0:
