@@ -36,7 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,10 @@ STUDENT_SHAPES = {
     "narrow": dict(TEACHER_SHAPE, hidden_size=64, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1),
     "small": STUDENT_SHAPE,  # 2 layers, hidden 64: measured too weak to learn the task on-policy (FINDINGS)
 }
+# student_shape CHECKPOINT: the student is the teacher's own SFT run saved after `student_steps`
+# of its `teacher_steps` (no SFT of its own; student_lr unused): a model of the teacher's kind,
+# little trained on the task, in the teacher's basin, as a paper's base student is to its teacher.
+CHECKPOINT = "teacher-checkpoint"
 MAX_POSITIONS = 256  # longest prompt + response is about 60 tokens
 # The problem distribution. Up to 5 numbers: with 6 the teacher needs ~40% more CPU time to
 # learn which numbers are still unused (its last skill to appear) before reaching 80%.
@@ -249,10 +253,12 @@ def shuffled_batches(n: int, batch_size: int, steps: int, gen: torch.Generator) 
 
 
 def sft(model, tokenizer, texts: Sequence[tuple[str, str]], steps: int, batch_size: int, lr: float, seed: int,
-        *, desc: str = "sft", progress: bool = True) -> list[float]:
+        *, desc: str = "sft", progress: bool = True, after_step: Callable[[int], None] | None = None) -> list[float]:
     """Supervised fine-tuning on (prompt, completion) pairs; the loss covers completion tokens
     and EOS only. AdamW, 5% warm-up then cosine decay to lr/10, gradient clipping at 1.
-    Batches come from seeded permutations of `texts`, so a run is deterministic on CPU for a seed. Returns the per-step losses."""
+    Batches come from seeded permutations of `texts`, so a run is deterministic on CPU for a seed.
+    `after_step(n)` is called after the n-th step (n from 1; e.g. to save a checkpoint; the model
+    is then in train mode). Returns the per-step losses."""
     data = encode_pairs(tokenizer, texts)
     gen = torch.Generator().manual_seed(seed)
     batches = shuffled_batches(len(data), batch_size, steps, gen)
@@ -281,6 +287,8 @@ def sft(model, tokenizer, texts: Sequence[tuple[str, str]], steps: int, batch_si
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if after_step is not None:
+            after_step(len(losses))
     model.eval()
     return losses
 
@@ -529,15 +537,32 @@ def _build(root: Path, settings: dict[str, Any], progress: bool) -> dict[str, An
 
     tokenizer = train_tokenizer([t for pair in sft_pairs(2000, seed + 1) for t in pair])
     stats: dict[str, Any] = {}
-    if s["student_shape"] not in STUDENT_SHAPES:
-        raise ValueError(f"make_toy: student_shape {s['student_shape']!r} unknown (known: {sorted(STUDENT_SHAPES)})")
-    for name, shape, offset in (("teacher", TEACHER_SHAPE, 2), ("student", STUDENT_SHAPES[s["student_shape"]], 3)):
+    if s["student_shape"] not in STUDENT_SHAPES and s["student_shape"] != CHECKPOINT:
+        raise ValueError(f"make_toy: student_shape {s['student_shape']!r} unknown "
+                         f"(known: {sorted(STUDENT_SHAPES) + [CHECKPOINT]})")
+    checkpoint = s["student_shape"] == CHECKPOINT
+    if checkpoint and not 0 < s["student_steps"] < s["teacher_steps"]:
+        raise ValueError(f"make_toy: a {CHECKPOINT!r} student is taken after student_steps of the teacher's "
+                         f"teacher_steps; {s['student_steps']} is not in 1..{s['teacher_steps'] - 1}")
+    roles = [("teacher", TEACHER_SHAPE, 2)] + ([] if checkpoint else [("student", STUDENT_SHAPES[s["student_shape"]], 3)])
+    for name, shape, offset in roles:
         steps, bs = s[f"{name}_steps"], s["batch_size"]
         t = time.time()
         pairs = sft_pairs(steps * bs, seed + 10 * offset, exclude=banned)
         model = make_model(tokenizer, shape, seed + offset)
+        after_step = None
+        if checkpoint and name == "teacher":
+            def after_step(n: int, model=model, t=t) -> None:
+                if n == s["student_steps"]:
+                    model.save_pretrained(root / "student")
+                    tokenizer.save_pretrained(root / "student")
+                    stats["student_sft_s"] = round(time.time() - t, 1)
+                    stats["student_params"] = sum(p.numel() for p in model.parameters())
         losses = sft(model, tokenizer, pairs, steps, bs, s[f"{name}_lr"], seed + offset, desc=f"toy {name}",
-                     progress=progress)
+                     progress=progress, after_step=after_step)
+        if checkpoint:
+            last = losses[max(0, s["student_steps"] - 20):s["student_steps"]]
+            stats["student_final_loss"] = round(sum(last) / len(last), 4)
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         stats[f"{name}_sft_s"] = round(time.time() - t, 1)

@@ -203,6 +203,27 @@ def test_student_shape_setting(tmp_path):
     assert not (tmp_path / "u").exists()
 
 
+def test_student_from_the_teachers_own_run(tmp_path):
+    """student_shape 'teacher-checkpoint': the student is the teacher's SFT run after student_steps;
+    the teacher is exactly the one a separately trained student would sit beside."""
+    kw = dict(quick=True, progress=False, teacher_steps=4, student_steps=2)
+    ckpt = toymod.make_toy(tmp_path / "c", student_shape="teacher-checkpoint", **kw)
+    apart = toymod.make_toy(tmp_path / "a", student_shape="teacher", **kw)
+    weights = "model.safetensors"
+    assert (ckpt.teacher / weights).read_bytes() == (apart.teacher / weights).read_bytes()
+    assert (ckpt.student / weights).read_bytes() != (ckpt.teacher / weights).read_bytes()
+    assert (ckpt.student / weights).read_bytes() != (apart.student / weights).read_bytes()
+    assert (ckpt.student / "tokenizer.json").read_bytes() == (ckpt.teacher / "tokenizer.json").read_bytes()
+    assert ckpt.info["student_params"] == ckpt.info["teacher_params"]
+    # Another checkpoint of the same run: another student beside the same teacher.
+    later = toymod.make_toy(tmp_path / "b", student_shape="teacher-checkpoint", **{**kw, "student_steps": 3})
+    assert (later.teacher / weights).read_bytes() == (ckpt.teacher / weights).read_bytes()
+    assert (later.student / weights).read_bytes() != (ckpt.student / weights).read_bytes()
+    with pytest.raises(ValueError, match="not in 1..3"):
+        toymod.make_toy(tmp_path / "d", student_shape="teacher-checkpoint", **{**kw, "student_steps": 4})
+    assert not (tmp_path / "d").exists()
+
+
 def test_make_toy_quick_is_fast_deterministic_and_atomic(toy, tmp_path, monkeypatch):
     t = time.time()
     other = toymod.make_toy(tmp_path / "again", seed=0, quick=True, progress=False)
