@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where used: `eopd-pipe --help` should not pay for it
+    import torch
 
 
 def check_model_dir(path: str | Path, what: str) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CLI_ENV, REPO, kill_group, run_cli, spawn, spawn_cli, wait_for_line, write_config
+from conftest import CLI_ENV, REPO, kill_group, run_cli, spawn_cli, wait_for_line
 
 pytestmark = pytest.mark.slow
 
