@@ -191,8 +191,9 @@ def test_make_toy_is_idempotent_and_refuses_other_settings(toy):
 
 
 def test_student_shape_setting(tmp_path):
-    """The demo's student has the teacher's architecture (fewer SFT steps); the shape is a setting."""
-    assert toymod.DEMO["student_shape"] == "teacher" and toymod.DEMO["student_steps"] < toymod.DEMO["teacher_steps"]
+    """The demo's student is the teacher's own run, part-way; the shape is a setting."""
+    assert toymod.DEMO["student_shape"] == "teacher-checkpoint"
+    assert 0 < toymod.DEMO["student_steps"] < toymod.DEMO["teacher_steps"]
     assets = toymod.make_toy(tmp_path / "t", quick=True, progress=False, student_shape="teacher",
                              teacher_steps=1, student_steps=1)
     assert assets.info["student_params"] == assets.info["teacher_params"]
