@@ -100,6 +100,9 @@ class ScoreTeacherConfig(Section):
                                "a GPU, else cpu (ignored with device_map)")
     eos_map: dict[str, str] = Field(default_factory=dict, description="student token -> teacher token before scoring, "
                                     "e.g. {'<|endoftext|>': '<|im_end|>'} for a base student and an instruct teacher")
+    overlap_rollouts: bool = Field(True, description="persistent `run`: score rollout shard i while vLLM generates "
+                                   "the next ones (no staleness added, identical rows); false: all rollouts first. "
+                                   "Ignored with --per-stage-processes")
 
 
 class TrainConfig(Section):

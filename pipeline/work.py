@@ -13,6 +13,12 @@ Writing: one writer thread encodes, compresses, writes and records shard i while
 computes shard i + 1 (on a GPU the CPU work is then off the critical path; bench/end_to_end.py).
 A SIGTERM waits for the shard in the writer; a kill -9 leaves a temporary file (removed on
 restart) or a renamed, unrecorded shard (adopted on restart), as before.
+
+Following: a stage may read its upstream stage while another thread of this process still writes
+it (the persistent `run` scores rollout shard i while vLLM generates shard i + 1). `Follow` waits
+for each upstream shard's record; the stage's plan then names the upstream shards it has seen so
+far (`growing`), and is complete, exactly as a stage run after its upstream writes it, once every
+shard is done.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -115,6 +123,68 @@ class ShardWorker:
     start: Callable[[int], None] | None = None
 
 
+class Stopped(Exception):
+    """run_shards was asked to stop (its `stop` event set) between shards."""
+
+
+class GrowingManifest(Manifest):
+    """A manifest whose plan key `growing` maps upstream shard names to their sha256 and fills in
+    shard by shard while the stage follows its upstream (`Follow`). Any other key, and an upstream
+    shard named by both the old and the new plan, must agree as in `Manifest.init`."""
+
+    def __init__(self, stage_dir: Path, growing: str) -> None:
+        super().__init__(stage_dir)
+        self.growing = growing
+
+    def init(self, num_shards: int, plan: dict[str, Any]) -> None:
+        (self.stage_dir / ".locks").mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if not self.exists():
+                return super().init(num_shards, plan)
+            data = self.read()
+            old, new = data["plan"], plan[self.growing]
+            seen = old.get(self.growing) if isinstance(old.get(self.growing), dict) else {}
+            same_rest = {**old, self.growing: None} == {**plan, self.growing: None}
+            if data["num_shards"] != num_shards or not same_rest or any(new.get(n, d) != d for n, d in seen.items()):
+                return super().init(num_shards, plan)  # refuses, naming both plans
+            self._extend(data, new)
+
+    def extend(self, entries: dict[str, str]) -> None:
+        """Add upstream shards to the plan (before the shards that read them are computed)."""
+        with self._lock:
+            self._extend(self.read(), entries)
+
+    def _extend(self, data: dict[str, Any], entries: dict[str, str]) -> None:
+        merged = {**data["plan"][self.growing], **entries}
+        if merged != data["plan"][self.growing]:
+            data["plan"] = {**data["plan"], self.growing: merged}
+            self._write(data)
+
+
+class Follow:
+    """An upstream stage that another thread of this process is still writing: `record(i)` waits
+    until shard i is in its manifest (polling), and stops with the writer's error as soon as
+    `check()` raises one (it fails, is stopped, or ends without finishing the stage)."""
+
+    def __init__(self, stage_dir: Path, check: Callable[[], None], poll_seconds: float = 0.1) -> None:
+        self.manifest, self.check, self.poll_seconds = Manifest(stage_dir), check, poll_seconds
+
+    def data(self) -> dict[str, Any]:
+        """The upstream manifest as it is now, once it exists (its shard count is then known)."""
+        while not self.manifest.exists():
+            self._pause()
+        return self.manifest.read()
+
+    def record(self, i: int) -> dict[str, Any]:
+        while (record := self.data()["shards"].get(shard_name(i))) is None:
+            self._pause()
+        return record
+
+    def _pause(self) -> None:
+        self.check()
+        time.sleep(self.poll_seconds)
+
+
 @dataclass
 class _Claim:
     shard: int
@@ -130,15 +200,19 @@ def run_shards(
     file_metadata: dict[str, str],
     worker: WorkerSpec | None = None,
     desc: str = "shards",
+    growing: str | None = None,
+    stop: threading.Event | None = None,
 ) -> StageSummary:
     """Do every unfinished shard this process can claim.
 
     `open_worker()` loads the model (slow) and returns the function that computes one shard (or a
     ShardWorker); it is called only if there is a shard to do, so a finished stage costs no model load.
+    `growing`: the plan key that names the upstream shards read (see GrowingManifest). `stop`: when
+    set (by another thread), the stage raises `Stopped` before its next shard.
     """
     wall0 = time.perf_counter()
     stage_dir = Path(stage_dir)
-    manifest = Manifest(stage_dir)
+    manifest = Manifest(stage_dir) if growing is None else GrowingManifest(stage_dir, growing)
     manifest.init(num_shards, plan)
     summary = StageSummary(stage_dir, num_shards)
 
@@ -223,6 +297,8 @@ def run_shards(
     bar = tqdm(total=len(mine), initial=len(summary.done_before), desc=desc, unit="shard", dynamic_ncols=True)
     try:
         while True:
+            if stop is not None and stop.is_set():
+                raise Stopped()
             if not claims and (c := claim_next()) is not None:
                 claims.append(c)
             if not claims:
@@ -244,8 +320,10 @@ def run_shards(
         wait_for_writer()
     finally:
         # A SIGTERM or an error: the shard in the writer is finished first (never cut between
-        # write and record); shards claimed but not computed are freed for other workers.
-        with PREEMPTION.deferred():
+        # write and record); shards claimed but not computed are freed for other workers. Signals
+        # reach only the main thread: a stage run in another thread defers nothing.
+        main = threading.current_thread() is threading.main_thread()
+        with PREEMPTION.deferred() if main else nullcontext():
             writer.shutdown(wait=True)
         for c in claims:
             c.lock.release()

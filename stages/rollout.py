@@ -11,8 +11,8 @@ Recipe:
 
 from __future__ import annotations
 
+import threading
 import time
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -114,9 +114,11 @@ def rollout_worker(llm, prompts: pa.Table, shards: list[list[int]], cfg: Config,
 
 
 def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec | None = None,
-                allow_config_change: bool = False, sampler: Sampler | None = None) -> StageSummary:
+                allow_config_change: bool = False, sampler: Sampler | None = None,
+                stop: threading.Event | None = None) -> StageSummary:
     """`sampler`: an engine kept across rounds (the persistent `run`); it is given this round's
-    policy in place. Without one, the stage starts its own engine."""
+    policy in place. Without one, the stage starts its own engine. `stop`: set by another thread
+    (the persistent `run`, which runs this stage in a thread), it ends the stage before its next shard."""
     policy = check_model_dir(run.policy_for_round(cfg, round_index), "student")
     # The base student's tokenizer defines the prompt tokens for every round (later students are saved with it).
     tokenizer = load_tokenizer(check_model_dir(cfg.student.path, "student"))
@@ -140,5 +142,5 @@ def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec |
     plan = {"prompts": prompts.num_rows, "rows_per_shard": [len(s) for s in shards], "policy": label}
     meta = {"stage": STAGE, "round": str(round_index), "policy": label, "n": str(cfg.rollout.n)}
     return run_shards(run.stage_dir(round_index, STAGE), len(shards), plan, open_worker, meta, worker,
-                      desc=f"rollout round {round_index}")
+                      desc=f"rollout round {round_index}", stop=stop)
 

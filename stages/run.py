@@ -9,6 +9,10 @@ Recipe:
      `eopd-pipe rollout/score-teacher/train` write one by one (tests/test_run.py checks rows,
      students and per-step losses). `--per-stage-processes` (and multi-rank training) runs each
      stage as its own process instead, as before.
+     With `score_teacher.overlap_rollouts` (default) the round's rollouts run in a thread of this
+     process (mostly waiting on vLLM's engine process) while this thread scores each rollout shard
+     as soon as it is recorded (`Follow`): the rollouts still come from round r-1's student, so
+     nothing is staler and every row is as in the sequential order.
   3. eval of cfg.eval.models that have no result yet (own processes), then the report plots
 The same command resumes after preemption at any point: finished stages are skipped, an
 interrupted one resumes from its shards or checkpoints.
@@ -26,6 +30,8 @@ import gc
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -128,7 +134,11 @@ def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
     roles, health = Roles(run, cfg), HealthWatch(run)
     try:
         for r in range(cfg.rounds):
-            if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
+            rollouts_done = Manifest(run.stage_dir(r, "rollouts")).is_complete()
+            if not rollouts_done and cfg.score_teacher.overlap_rollouts \
+                    and not Manifest(run.stage_dir(r, "teacher")).is_complete():
+                rollouts_and_teacher_overlapped(run, cfg, r, roles)
+            elif not rollouts_done:
                 summary = run_rollout(run, cfg, r, sampler=roles.sampler(run.policy_for_round(cfg, r)))
                 _require_complete(summary, "rollout", r)
             if not Manifest(run.stage_dir(r, "teacher")).is_complete():
@@ -148,6 +158,63 @@ def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
     finally:
         roles.close()
     return roles
+
+
+def rollouts_and_teacher_overlapped(run: RunDir, cfg: Config, r: int, roles: Roles) -> None:
+    """Round r's rollouts in a thread, scored shard by shard in this one as they are recorded.
+
+    Only this thread sees SIGTERM (Preempted) and stops first on any error; the rollout thread is
+    then asked to stop before its next shard, and waited for: a SIGTERM to the process group has
+    also ended vLLM's engine, which ends its wait at once; otherwise the shard being generated is
+    finished first (the engine is closed only once no thread uses it). Either way the run directory
+    holds what a kill at that point would leave."""
+    from pipeline.work import Follow
+    from stages.rollout import run_rollout
+    from stages.score_teacher import run_score_teacher
+
+    sampler, stop = roles.sampler(run.policy_for_round(cfg, r)), threading.Event()
+    rollouts = StageThread(lambda: run_rollout(run, cfg, r, sampler=sampler, stop=stop), "rollout", r)
+    try:
+        teacher = roles.teacher()  # round 0: loaded while the first shards are sampled
+        summary = run_score_teacher(run, cfg, r, teacher=teacher,
+                                    follow=Follow(run.stage_dir(r, "rollouts"), rollouts.check))
+        _require_complete(summary, "score-teacher", r)
+        rollouts.join()
+        rollouts.check()
+    finally:
+        if rollouts.is_alive():
+            stop.set()
+            rollouts.join(timeout=10)
+            if rollouts.is_alive():
+                click.secho(f"stopping: waiting for round {r}'s rollout thread to finish the shard vLLM is generating",
+                            err=True)
+                rollouts.join()
+
+
+class StageThread(threading.Thread):
+    """A stage run in a thread of this process; `check()`, from another thread, raises if it failed
+    or ended with the stage incomplete."""
+
+    def __init__(self, fn: Callable, stage: str, r: int) -> None:
+        super().__init__(name=f"eopd-{stage}-round-{r}", daemon=True)  # never holds the process at exit
+        self.fn, self.stage, self.round = fn, stage, r
+        self.summary, self.error = None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.summary = self.fn()
+        except BaseException as e:  # noqa: BLE001 -- handed to the thread that calls check()
+            self.error = e
+
+    def check(self) -> None:
+        if self.error is not None:
+            if isinstance(self.error, (Preempted, UserError)):
+                raise self.error
+            raise RuntimeError(f"round {self.round} {self.stage}, run in a thread beside score-teacher, failed: "
+                               f"{type(self.error).__name__}: {self.error}") from self.error
+        if self.summary is not None:
+            _require_complete(self.summary, self.stage, self.round)
 
 
 class HealthWatch:

@@ -2,10 +2,12 @@
 top-k ids and log-probs (compressed), the exact full-vocabulary entropy, the sampled token's log-prob.
 
 Recipe:
-  1. the round's rollouts must be complete; teacher and student must share one vocabulary (tokenizer);
-     their embedding sizes may differ (Qwen2.5-7B+ have 152,064 rows, the smaller ones 151,936):
-     the teacher is then scored over the rows the student has, and what the left-out rows would
-     have contributed is counted per shard (a student with MORE rows than the teacher is refused)
+  1. the round's rollouts must be complete (or, in the persistent `run`, be written by another
+     thread: shard i is scored as soon as rollout shard i is recorded, see `follow`); teacher and
+     student must share one vocabulary (tokenizer); their embedding sizes may differ (Qwen2.5-7B+
+     have 152,064 rows, the smaller ones 151,936): the teacher is then scored over the rows the
+     student has, and what the left-out rows would have contributed is counted per shard (a
+     student with MORE rows than the teacher is refused)
   2. teacher shard i <- rollout shard i (read with its checksum verified)
   3. sequences sorted by length and packed into batches of at most `token_budget` padded tokens
   4. backbone forward -> final hidden states at the positions that predict response tokens ->
@@ -33,8 +35,8 @@ from pipeline.models import (check_model_dir, check_same_vocabulary, length_sort
                              response_hidden_states)
 from pipeline.prompts import tokenizer_fingerprint
 from pipeline.rundir import RunDir, freeze_config
-from pipeline.shards import META_PREFIX, read_shard, require_complete, verify_stage
-from pipeline.work import ShardResult, StageSummary, WorkerSpec, run_shards
+from pipeline.shards import META_PREFIX, read_shard, require_complete, shard_name, verify_stage
+from pipeline.work import Follow, GrowingManifest, ShardResult, StageSummary, WorkerSpec, run_shards
 
 STAGE = "teacher"
 
@@ -162,13 +164,18 @@ def teacher_table(rollouts: pa.Table, scored: list[tuple[np.ndarray, ...]], code
 
 
 def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec | None = None,
-                      allow_config_change: bool = False, teacher=None) -> StageSummary:
-    """`teacher`: a model already loaded by `load_teacher` (the persistent `run` keeps one across rounds)."""
+                      allow_config_change: bool = False, teacher=None, follow: Follow | None = None) -> StageSummary:
+    """`teacher`: a model already loaded by `load_teacher` (the persistent `run` keeps one across rounds).
+    `follow`: the rollouts are still being written by another thread; teacher shard i waits for
+    rollout shard i. The rows, and once complete the manifest, are those of a run after the rollouts."""
     sc = cfg.score_teacher
     rollout_dir = run.stage_dir(round_index, "rollouts")
-    rollouts = require_complete(rollout_dir, f"round {round_index} rollouts",
-                                f"run `eopd-pipe rollout {run.root} --round {round_index}` first")
-    verify_stage(rollout_dir, rollouts)
+    if follow is None:
+        rollouts = require_complete(rollout_dir, f"round {round_index} rollouts",
+                                    f"run `eopd-pipe rollout {run.root} --round {round_index}` first")
+    else:
+        rollouts = follow.data()
+    verify_stage(rollout_dir, rollouts)  # following: the shards recorded so far
     teacher_path = check_model_dir(cfg.teacher.path, "teacher")
     student_path = check_model_dir(cfg.student.path, "student")
     student_tok, teacher_tok = load_tokenizer(student_path, "student"), load_tokenizer(teacher_path, "teacher")
@@ -178,13 +185,19 @@ def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: Worker
     id_map = token_id_map(student_tok, teacher_tok, sc.eos_map)
     codec = get_codec(sc.codec or DEFAULT_CODEC)
     freeze_config(run, cfg, allow_config_change)
-    names = sorted(rollouts["shards"])
+    names = [shard_name(i) for i in range(rollouts["num_shards"])]
+    known = {n: rollouts["shards"][n]["sha256"] for n in names if n in rollouts["shards"]}
+    manifest = GrowingManifest(run.stage_dir(round_index, STAGE), "rollout_shards")
 
     def open_worker():
         model = teacher if teacher is not None else load_teacher(teacher_path, sc)
 
         def compute(i: int) -> ShardResult:
-            table = read_shard(rollout_dir, names[i], rollouts["shards"][names[i]])
+            record = rollouts["shards"].get(names[i])
+            if record is None:  # following: wait for it, then name it in the plan before scoring it
+                record = follow.record(i)
+                manifest.extend({names[i]: record["sha256"]})
+            table = read_shard(rollout_dir, names[i], record)
             responses = table.column("response_token_ids").to_pylist()
             counts = new_counts(len(teacher_tok))
             scored, engine_seconds = score_rows(model, table.column("prompt_token_ids").to_pylist(), responses, sc,
@@ -200,13 +213,13 @@ def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: Worker
     meta = {"stage": STAGE, "round": str(round_index), "k": str(sc.top_k), "teacher": str(teacher_path),
             "tokenizer_fingerprint": tokenizer_fingerprint(teacher_tok), "teacher_rows": str(teacher_rows),
             "scored_rows": str(rows), "tokenizer_entries": str(len(teacher_tok)), **codec.metadata(sc.top_k)}
-    plan = {"rollout_shards": {n: rollouts["shards"][n]["sha256"] for n in names}, "k": sc.top_k, "codec": codec.name}
+    plan = {"rollout_shards": known, "k": sc.top_k, "codec": codec.name}
     if rows < teacher_rows:
         tqdm.write(f"score-teacher: the teacher has {teacher_rows:,} embedding rows, the student {student_rows:,}: scoring "
                    f"over the first {rows:,} (the tokenizer has {len(teacher_tok):,} entries); per shard the footer "
                    f"counts what the {teacher_rows - rows:,} left-out rows would have changed")
     summary = run_shards(run.stage_dir(round_index, STAGE), len(names), plan, open_worker, meta, worker,
-                         desc=f"score-teacher round {round_index}")
+                         desc=f"score-teacher round {round_index}", growing="rollout_shards")
     if totals["positions"]:
         tqdm.write(count_line(totals, teacher_rows - rows))
     return summary

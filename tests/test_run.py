@@ -1,6 +1,8 @@
 """`eopd-pipe run` (persistent: each role's model loaded once per run) across three rounds, killed
 with SIGKILL at random points and resumed by the same command each time: every shard, student and
-per-step loss equals those of an uninterrupted run, and of the stage commands run one by one."""
+per-step loss equals those of an uninterrupted run, and of the stage commands run one by one. Its
+default scores each rollout shard while vLLM samples the next (`score_teacher.overlap_rollouts`):
+the same rows as with the stages one after another, also when killed in the middle of that."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TRAIN, kill_group, run_cli, spawn_cli, wait_for_line, write_config
+
 from pipeline.shards import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -25,10 +28,41 @@ def digests(run: Path) -> dict[str, str]:
     return {str(p.relative_to(run)): sha256_file(p) for p in files}
 
 
+def manifest(run: Path, r: int, stage: str) -> dict:
+    return json.loads((run / f"round-{r:04d}" / stage / "manifest.json").read_text())
+
+
+def manifests(run: Path, tokens: bool = True) -> dict[str, dict]:
+    """Every stage manifest (plan and shard records). `tokens=False` leaves out the shards' token
+    counts: a shard renamed but not recorded when its writer was killed is adopted with 0."""
+    out = {}
+    for path in sorted(run.glob("round-*/*/manifest.json")):
+        data = json.loads(path.read_text())
+        if not tokens:
+            data["shards"] = {n: {k: v for k, v in rec.items() if k != "tokens"} for n, rec in data["shards"].items()}
+        out[str(path.relative_to(run))] = data
+    return out
+
+
+def wait_until(done, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not done():
+        assert time.time() < deadline, f"timeout waiting for {what}"
+        time.sleep(0.1)
+
+
+def recorded(run: Path, r: int, stage: str) -> set[str]:
+    path = run / f"round-{r:04d}" / stage / "manifest.json"
+    return set(json.loads(path.read_text())["shards"]) if path.is_file() else set()
+
+
 def test_run_killed_at_random_points_resumes_to_identical_results(toy, tmp_path):
+    """First two stops in the middle of round 0's overlapped rollouts and scoring (a SIGKILL while
+    teacher shard 0 is recorded and rollout shard 1 only renamed; then a SIGTERM while the teacher
+    waits for rollout shard 2), then SIGKILLs at random moments."""
     cfg = write_config(tmp_path / "cfg.yaml", toy, rounds=3,
                        prompts={"path": str(toy.train_prompts), "limit": 12, "prompts_per_round": 8},
-                       rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 6,
+                       rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 3,
                                 "vllm": {"enforce_eager": True, "dtype": "float32"}},
                        score_teacher={"top_k": 8}, train={**TRAIN, "checkpoint_every": 1})
     ref = tmp_path / "ref"
@@ -40,6 +74,23 @@ def test_run_killed_at_random_points_resumes_to_identical_results(toy, tmp_path)
     assert len([k for k in expected if k.endswith("model.safetensors")]) == 3
 
     run = tmp_path / "run"
+    # SIGKILL: rollout shard 1 of round 0 renamed, not recorded (its writer paused); the teacher
+    # has scored and recorded shard 0 meanwhile, its plan naming only the rollout shard it read.
+    proc = spawn_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_record:1"})
+    wait_for_line(proc, "EOPD_TEST_PAUSE reached shard_record:1")
+    wait_until(lambda: "part-00000.parquet" in recorded(run, 0, "teacher"), "teacher shard 0")
+    assert recorded(run, 0, "rollouts") == {"part-00000.parquet"}
+    assert list(manifest(run, 0, "teacher")["plan"]["rollout_shards"]) == ["part-00000.parquet"]
+    kill_group(proc, signal.SIGKILL)
+    # SIGTERM: rollout shard 1 adopted, shard 2 in its writer (paused 8 s), teacher shard 1 done
+    # and the teacher waiting for shard 2: exit 143 once the shard in the rollout writer is recorded.
+    proc = spawn_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_record:2:8"})
+    wait_for_line(proc, "EOPD_TEST_PAUSE reached shard_record:2")
+    wait_until(lambda: "part-00001.parquet" in recorded(run, 0, "teacher"), "teacher shard 1")
+    assert "part-00002.parquet" not in recorded(run, 0, "teacher")
+    assert kill_group(proc, signal.SIGTERM) == 143
+    assert len(recorded(run, 0, "rollouts")) == 3 and len(recorded(run, 0, "teacher")) == 2
+
     rng = random.Random(20261123)
     kills = 0
     for trial in range(4):
@@ -56,6 +107,7 @@ def test_run_killed_at_random_points_resumes_to_identical_results(toy, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert digests(run) == expected
     assert round_metrics(run) == round_metrics(ref)
+    assert manifests(run, tokens=False) == manifests(ref, tokens=False)
     assert not [p for p in run.rglob("*") if ".tmp" in p.name or p.name.startswith(".incoming")]
 
 
@@ -69,16 +121,18 @@ def round_metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def three_rounds(toy, tmp_path_factory):
-    """A persistent `run` of three rounds (one process, each model loaded once) and its config."""
+    """A persistent `run` of three rounds (one process, each model loaded once) and its config.
+    Three rollout shards per round, scored while the next are sampled (the default); the rollout
+    writer pauses 3 s before recording shard 1, time for the teacher to score shard 0 meanwhile."""
     tmp = tmp_path_factory.mktemp("three")
     cfg = write_config(tmp / "cfg.yaml", toy, rounds=3,
                        prompts={"path": str(toy.train_prompts), "limit": 12, "prompts_per_round": 8},
-                       rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 4,
+                       rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 3,
                                 "vllm": {"enforce_eager": True, "dtype": "float32"}},
                        score_teacher={"top_k": 8},
                        train={**TRAIN, "lr_schedule": "cosine", "warmup_steps": 3, "checkpoint_every": 1})
     run = tmp / "persistent"
-    res = run_cli("run", run, "--config", cfg)
+    res = run_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_compute:1:3"})
     assert res.returncode == 0, res.stderr[-3000:]
     # The barely trained toy student rarely ends within 12 tokens: `run` says so after each round.
     from pipeline.health import round_health
@@ -143,3 +197,21 @@ def test_sigterm_stops_the_persistent_run_cleanly_and_it_resumes(three_rounds, t
     res = run_cli("run", run, "--config", cfg)
     assert res.returncode == 0, res.stderr[-3000:]
     assert digests(run) == digests(persistent) and round_metrics(run) == round_metrics(persistent)
+
+
+def test_overlapped_rounds_write_what_sequential_rounds_write(three_rounds, tmp_path):
+    """`score_teacher.overlap_rollouts` (the fixture's default) scored teacher shard 0 before rollout
+    shard 1 existed, in every round; with it off the rounds write the same rollout and teacher
+    shards, manifests (plans included), students and per-step losses."""
+    cfg, overlapped = three_rounds
+    for r in range(3):
+        rd = overlapped / f"round-{r:04d}"
+        assert (rd / "teacher" / "part-00000.parquet").stat().st_mtime_ns \
+            < (rd / "rollouts" / "part-00001.parquet").stat().st_mtime_ns, f"round {r} was not overlapped"
+    run = tmp_path / "sequential"
+    res = run_cli("run", run, "--config", cfg, "--set", "score_teacher.overlap_rollouts=false")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len([k for k in digests(run) if "/teacher/" in k]) == 9
+    assert digests(run) == digests(overlapped)
+    assert manifests(run) == manifests(overlapped)
+    assert round_metrics(run) == round_metrics(overlapped)
