@@ -82,9 +82,10 @@ def test_run_killed_at_random_points_resumes_to_identical_results(toy, tmp_path)
     assert recorded(run, 0, "rollouts") == {"part-00000.parquet"}
     assert list(manifest(run, 0, "teacher")["plan"]["rollout_shards"]) == ["part-00000.parquet"]
     kill_group(proc, signal.SIGKILL)
-    # SIGTERM: rollout shard 1 adopted, shard 2 in its writer (paused 8 s), teacher shard 1 done
-    # and the teacher waiting for shard 2: exit 143 once the shard in the rollout writer is recorded.
-    proc = spawn_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_record:2:8"})
+    # SIGTERM: rollout shard 1 adopted, shard 2 in its writer (paused 45 s: long enough for a loaded
+    # machine to load the teacher and score shard 1 first), teacher shard 1 done and the teacher
+    # waiting for shard 2: exit 143 once the shard in the rollout writer is recorded.
+    proc = spawn_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_record:2:45"})
     wait_for_line(proc, "EOPD_TEST_PAUSE reached shard_record:2")
     wait_until(lambda: "part-00001.parquet" in recorded(run, 0, "teacher"), "teacher shard 1")
     assert "part-00002.parquet" not in recorded(run, 0, "teacher")
