@@ -220,6 +220,40 @@ class Manifest:
         return self.exists() and bool(self.read().get("complete"))
 
 
+class GrowingManifest(Manifest):
+    """A manifest whose plan key `growing` maps upstream shard names to their sha256 and fills in
+    shard by shard while the stage follows its upstream (`pipeline.work.Follow`). Any other key, and an upstream
+    shard named by both the old and the new plan, must agree as in `Manifest.init`."""
+
+    def __init__(self, stage_dir: Path, growing: str) -> None:
+        super().__init__(stage_dir)
+        self.growing = growing
+
+    def init(self, num_shards: int, plan: dict[str, Any]) -> None:
+        (self.stage_dir / ".locks").mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if not self.exists():
+                return super().init(num_shards, plan)
+            data = self.read()
+            old, new = data["plan"], plan[self.growing]
+            seen = old.get(self.growing) if isinstance(old.get(self.growing), dict) else {}
+            same_rest = {**old, self.growing: None} == {**plan, self.growing: None}
+            if data["num_shards"] != num_shards or not same_rest or any(new.get(n, d) != d for n, d in seen.items()):
+                return super().init(num_shards, plan)  # refuses, naming both plans
+            self._extend(data, new)
+
+    def extend(self, entries: dict[str, str]) -> None:
+        """Add upstream shards to the plan (before the shards that read them are computed)."""
+        with self._lock:
+            self._extend(self.read(), entries)
+
+    def _extend(self, data: dict[str, Any], entries: dict[str, str]) -> None:
+        merged = {**data["plan"][self.growing], **entries}
+        if merged != data["plan"][self.growing]:
+            data["plan"] = {**data["plan"], self.growing: merged}
+            self._write(data)
+
+
 def require_complete(stage_dir: Path, what: str, fix: str) -> dict[str, Any]:
     """The manifest of a finished stage, or a UserError saying what is missing and how to finish it."""
     manifest = Manifest(stage_dir)

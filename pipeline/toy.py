@@ -21,8 +21,8 @@ Everything is made locally and offline: a byte-level BPE tokenizer (Qwen-style p
 digits split one by one), a Qwen3 teacher and a Qwen3 student that share it
 (save_pretrained directories that transformers and vLLM load), and jsonl prompt files.
 `make_toy(quick=True)` takes seconds (barely trained models, for tests); the demo
-(`quick=False`) trains the teacher to high accuracy and the student, by default the teacher's
-architecture trained for a quarter of the steps, to a weak start in a few CPU minutes.
+(`quick=False`) trains the teacher to high accuracy in a few CPU minutes; the student is, by
+default, that same training run saved half-way (a weak start in the teacher's basin).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ STUDENT_SHAPE = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                      num_key_value_heads=1, head_dim=32)
 # make_toy's `student_shape` setting: the student's architecture by name.
 STUDENT_SHAPES = {
-    "teacher": TEACHER_SHAPE,  # the teacher's architecture, trained far less (the demo's default)
+    "teacher": TEACHER_SHAPE,  # the teacher's architecture, its own init and far fewer SFT steps
     "narrow": dict(TEACHER_SHAPE, hidden_size=64, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1),
     "small": STUDENT_SHAPE,  # 2 layers, hidden 64: measured too weak to learn the task on-policy (FINDINGS)
 }

@@ -40,7 +40,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from pipeline.errors import UserError
-from pipeline.shards import Manifest, ShardInfo, remove_stale_tmp, sha256_file, shard_name, write_shard
+from pipeline.shards import GrowingManifest, Manifest, ShardInfo, remove_stale_tmp, sha256_file, shard_name, write_shard
 from pipeline.signals import PREEMPTION
 
 import pyarrow.parquet as pq
@@ -125,40 +125,6 @@ class ShardWorker:
 
 class Stopped(Exception):
     """run_shards was asked to stop (its `stop` event set) between shards."""
-
-
-class GrowingManifest(Manifest):
-    """A manifest whose plan key `growing` maps upstream shard names to their sha256 and fills in
-    shard by shard while the stage follows its upstream (`Follow`). Any other key, and an upstream
-    shard named by both the old and the new plan, must agree as in `Manifest.init`."""
-
-    def __init__(self, stage_dir: Path, growing: str) -> None:
-        super().__init__(stage_dir)
-        self.growing = growing
-
-    def init(self, num_shards: int, plan: dict[str, Any]) -> None:
-        (self.stage_dir / ".locks").mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            if not self.exists():
-                return super().init(num_shards, plan)
-            data = self.read()
-            old, new = data["plan"], plan[self.growing]
-            seen = old.get(self.growing) if isinstance(old.get(self.growing), dict) else {}
-            same_rest = {**old, self.growing: None} == {**plan, self.growing: None}
-            if data["num_shards"] != num_shards or not same_rest or any(new.get(n, d) != d for n, d in seen.items()):
-                return super().init(num_shards, plan)  # refuses, naming both plans
-            self._extend(data, new)
-
-    def extend(self, entries: dict[str, str]) -> None:
-        """Add upstream shards to the plan (before the shards that read them are computed)."""
-        with self._lock:
-            self._extend(self.read(), entries)
-
-    def _extend(self, data: dict[str, Any], entries: dict[str, str]) -> None:
-        merged = {**data["plan"][self.growing], **entries}
-        if merged != data["plan"][self.growing]:
-            data["plan"] = {**data["plan"], self.growing: merged}
-            self._write(data)
 
 
 class Follow:

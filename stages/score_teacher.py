@@ -35,8 +35,8 @@ from pipeline.models import (check_model_dir, check_same_vocabulary, length_sort
                              response_hidden_states)
 from pipeline.prompts import tokenizer_fingerprint
 from pipeline.rundir import RunDir, freeze_config
-from pipeline.shards import META_PREFIX, read_shard, require_complete, shard_name, verify_stage
-from pipeline.work import Follow, GrowingManifest, ShardResult, StageSummary, WorkerSpec, run_shards
+from pipeline.shards import META_PREFIX, GrowingManifest, read_shard, require_complete, shard_name, verify_stage
+from pipeline.work import Follow, ShardResult, StageSummary, WorkerSpec, run_shards
 
 STAGE = "teacher"
 
