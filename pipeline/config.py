@@ -125,6 +125,10 @@ class TrainConfig(Section):
     batch_rows: int = Field(32, ge=1, description="responses per optimiser step")
     micro_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward/backward (gradient accumulation)")
     epochs: int = Field(1, ge=1, description="passes over the round's responses")
+    data_order: Literal["round", "shards"] = Field(
+        "round", description="round: each step's responses drawn from the whole round (a seeded permutation); "
+        "shards: teacher shard after shard (each in a seeded order), so the persistent `run` starts training on the "
+        "first teacher shards while it scores the rest (every response still from round r-1's student: no staleness)")
     loss_chunk: int = Field(512, ge=1, description="tokens per chunk of the memory-lean LM-head loss (bench/train_loss.py: 512 at V=151,936)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     gradient_checkpointing: bool = False

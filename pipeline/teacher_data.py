@@ -13,7 +13,7 @@ import torch
 from eopd.losses import TokenBatch
 from pipeline.codec import codec_from_metadata
 from pipeline.errors import UserError
-from pipeline.shards import SCHEMA_VERSION, iter_stage, schema_metadata
+from pipeline.shards import SCHEMA_VERSION, read_shard, require_complete, schema_metadata, shard_name
 
 COLUMNS = ["prompt_token_ids", "response_token_ids", "response_logprobs", "teacher_entropy", "teacher_token_logprob"]
 
@@ -55,33 +55,25 @@ def _flat(column: pa.ChunkedArray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(values.to_numpy(zero_copy_only=False).copy()).to(dtype)
 
 
-def load_teacher_rows(stage_dir: Path, expect_k: int | None, fix: str) -> TeacherRows:
-    """Every row of a complete teacher stage. Refuses shards of another schema version, another
-    k than `expect_k`, or an unknown codec version, naming the file and the fix."""
-    parts = []
-    for name, table in iter_stage(stage_dir, "teacher shards", fix):
-        path = Path(stage_dir) / name
-        meta = schema_metadata(table.schema)
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise UserError(f"{path}: schema version {meta.get('schema_version')!r}, this eopd-pipe reads {SCHEMA_VERSION!r}; "
-                            f"rescore with `eopd-pipe score-teacher`")
-        k = int(meta.get("k", -1))
-        if expect_k is not None and k != expect_k:
-            raise UserError(f"{path}: teacher top-k was stored with k={k}, the config asks for "
-                            f"score_teacher.top_k={expect_k}; rescore (delete {stage_dir}) or set score_teacher.top_k={k}")
-        try:
-            codec = codec_from_metadata(meta)
-        except ValueError as e:
-            raise UserError(f"{path}: {e}") from None
-        ids, lps = codec.decode(table)
-        parts.append((table, ids, lps, k))
-    if not parts:
-        raise UserError(f"{stage_dir}: no teacher shards; {fix}")
-    ks = {p[3] for p in parts}
-    if len(ks) > 1:
-        raise UserError(f"{stage_dir}: shards disagree on k ({sorted(ks)}); delete the stage directory and rescore")
-    tables = [p[0].select(COLUMNS) for p in parts]
-    table = pa.concat_tables(tables)
+def shard_rows(stage_dir: Path, name: str, record: dict, expect_k: int | None) -> TeacherRows:
+    """One teacher shard's rows, its checksum checked against `record`. Refuses a shard of another
+    schema version, another k than `expect_k`, or an unknown codec version, naming the file and the fix."""
+    path = Path(stage_dir) / name
+    table = read_shard(stage_dir, name, record)
+    meta = schema_metadata(table.schema)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise UserError(f"{path}: schema version {meta.get('schema_version')!r}, this eopd-pipe reads {SCHEMA_VERSION!r}; "
+                        f"rescore with `eopd-pipe score-teacher`")
+    k = int(meta.get("k", -1))
+    if expect_k is not None and k != expect_k:
+        raise UserError(f"{path}: teacher top-k was stored with k={k}, the config asks for "
+                        f"score_teacher.top_k={expect_k}; rescore (delete {stage_dir}) or set score_teacher.top_k={k}")
+    try:
+        codec = codec_from_metadata(meta)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    ids, lps = codec.decode(table)
+    table = table.select(COLUMNS)
     lengths = pc.list_value_length(table.column("response_token_ids")).to_numpy().astype(np.int64)
     prompt_ends = np.cumsum(pc.list_value_length(table.column("prompt_token_ids")).to_numpy())
     return TeacherRows(
@@ -91,8 +83,68 @@ def load_teacher_rows(stage_dir: Path, expect_k: int | None, fix: str) -> Teache
         behaviour_logprobs=_flat(table.column("response_logprobs"), torch.float32),
         teacher_token_logprobs=_flat(table.column("teacher_token_logprob"), torch.float32),
         teacher_entropy=_flat(table.column("teacher_entropy"), torch.float32),
-        teacher_topk_ids=torch.cat([p[1] for p in parts]).long(),
-        teacher_topk_logprobs=torch.cat([p[2] for p in parts]).float(),
+        teacher_topk_ids=ids.long(),
+        teacher_topk_logprobs=lps.float(),
         offsets=np.concatenate([[0], np.cumsum(lengths)]),
-        k=ks.pop(),
+        k=k,
     )
+
+
+def concat_rows(parts: list[TeacherRows], stage_dir: Path) -> TeacherRows:
+    """Shards' rows in the given order, as one round's rows (values copied, not changed)."""
+    if len({p.k for p in parts}) > 1:
+        raise UserError(f"{stage_dir}: shards disagree on k ({sorted({p.k for p in parts})}); delete the stage directory "
+                        f"and rescore")
+    ends = np.cumsum([0] + [int(p.offsets[-1]) for p in parts])
+    return TeacherRows(
+        prompt_ids=[x for p in parts for x in p.prompt_ids],
+        **{f: torch.cat([getattr(p, f) for p in parts]) for f in TOKEN_FIELDS},
+        offsets=np.concatenate([[0]] + [p.offsets[1:] + e for p, e in zip(parts, ends)]).astype(np.int64),
+        k=parts[0].k,
+    )
+
+
+TOKEN_FIELDS = ("response_ids", "behaviour_logprobs", "teacher_token_logprobs", "teacher_entropy", "teacher_topk_ids",
+                "teacher_topk_logprobs")
+
+
+def load_teacher_rows(stage_dir: Path, expect_k: int | None, fix: str) -> TeacherRows:
+    """Every row of a complete teacher stage, in shard order."""
+    data = require_complete(stage_dir, "teacher shards", fix)
+    parts = [shard_rows(stage_dir, name, data["shards"][name], expect_k) for name in sorted(data["shards"])]
+    if not parts:
+        raise UserError(f"{stage_dir}: no teacher shards; {fix}")
+    return concat_rows(parts, stage_dir)
+
+
+class TeacherStream:
+    """A round's teacher rows, read shard by shard as training reaches them: `through(i)` gives the
+    rows of shards 0..i (row indices are the round's, in shard order). With `follow`, another thread
+    of this process is still scoring the round and a shard not yet recorded is waited for; the rows
+    are the same as those of the finished stage.
+
+    `rows_per_shard`: each shard's response count, known before any shard exists (the rollout plan's
+    prompts per shard x rollout.n), so the step plan and the global LR schedule are fixed up front."""
+
+    def __init__(self, stage_dir: Path, rows_per_shard: list[int], expect_k: int | None, fix: str,
+                 follow=None) -> None:
+        self.stage_dir, self.rows_per_shard, self.expect_k, self.follow = Path(stage_dir), rows_per_shard, expect_k, follow
+        self.manifest = None if follow is not None else require_complete(stage_dir, "teacher shards", fix)
+        self._parts: list[TeacherRows] = []
+        self._rows: TeacherRows | None = None  # the concatenation of self._parts
+
+    def through(self, i: int) -> TeacherRows:
+        grew = False
+        while len(self._parts) <= i:
+            j, name = len(self._parts), shard_name(len(self._parts))
+            record = self.follow.record(j) if self.follow is not None else self.manifest["shards"][name]
+            part = shard_rows(self.stage_dir, name, record, self.expect_k)
+            if part.num_rows != self.rows_per_shard[j]:
+                raise UserError(f"{self.stage_dir / name}: {part.num_rows} responses where the round's rollout plan "
+                                f"has {self.rows_per_shard[j]}; its shards do not belong together: delete "
+                                f"{self.stage_dir.parent} and run the round again")
+            self._parts.append(part)
+            grew = True
+        if grew or self._rows is None:
+            self._rows = concat_rows(self._parts, self.stage_dir)
+        return self._rows

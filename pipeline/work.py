@@ -48,10 +48,14 @@ import pyarrow.parquet as pq
 TEST_PAUSE_ENV = "EOPD_TEST_PAUSE"
 
 
-def test_pause(point: str, index: int) -> None:
+def test_pause(point: str, index: int, stage: str | None = None) -> None:
     """Fault injection for the kill tests: with EOPD_TEST_PAUSE=POINT:INDEX[:SECONDS] the process
-    announces itself on stderr and sleeps there (default an hour), so a test can kill it at that point."""
+    announces itself on stderr and sleeps there (default an hour), so a test can kill it at that point.
+    A point of a stage's shard loop also answers to STAGE.POINT (e.g. teacher.shard_compute), for
+    tests where stages run side by side in one process."""
     spec = os.environ.get(TEST_PAUSE_ENV, "").split(":")
+    if spec[:2] == [f"{stage}.{point}", str(index)]:
+        point = spec[0]
     if spec[:2] == [point, str(index)]:
         print(f"{TEST_PAUSE_ENV} reached {point}:{index}", file=sys.stderr, flush=True)
         time.sleep(float(spec[2]) if len(spec) > 2 else 3600)
@@ -233,8 +237,8 @@ def run_shards(
             else:
                 table = result.table() if callable(result.table) else result.table
                 info = write_shard(final, table, file_metadata, tokens=result.tokens,
-                                   before_rename=lambda: test_pause("shard_rename", i))
-            test_pause("shard_record", i)
+                                   before_rename=lambda: test_pause("shard_rename", i, stage_dir.name))
+            test_pause("shard_record", i, stage_dir.name)
             manifest.record(i, info)
         except OSError as e:
             raise UserError(f"could not write {final}: {e}; fix that (disk space, permissions) and run the same "
@@ -280,7 +284,7 @@ def run_shards(
                 summary.engine_seconds += result.engine_seconds
             wait_for_writer()
             if result is not None:
-                test_pause("shard_compute", claim.shard)  # the previous shard is recorded by now
+                test_pause("shard_compute", claim.shard, stage_dir.name)  # the previous shard is recorded by now
             in_writer = (writer.submit(commit, claim, result), claim.shard, result.tokens if result else 0)
             claims.pop(0)  # from here the writer releases its lock
         wait_for_writer()

@@ -13,6 +13,9 @@ Recipe:
      process (mostly waiting on vLLM's engine process) while this thread scores each rollout shard
      as soon as it is recorded (`Follow`): the rollouts still come from round r-1's student, so
      nothing is staler and every row is as in the sequential order.
+     With train.data_order "shards" training also starts on the round's first teacher shards
+     (`round_streamed`): rollouts and scoring in threads, each optimiser step taken as soon as the
+     shards it draws from are recorded; still strictly on-policy.
   3. eval of cfg.eval.models that have no result yet (own processes), then the report plots
 The same command resumes after preemption at any point: finished stages are skipped, an
 interrupted one resumes from its shards or checkpoints.
@@ -134,6 +137,11 @@ def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
     roles, health = Roles(run, cfg), HealthWatch(run)
     try:
         for r in range(cfg.rounds):
+            if cfg.train.data_order == "shards" and not run.student_done(r) \
+                    and not Manifest(run.stage_dir(r, "teacher")).is_complete():
+                round_streamed(run, cfg, r, roles)
+                health.after_round(r)
+                continue
             rollouts_done = Manifest(run.stage_dir(r, "rollouts")).is_complete()
             if not rollouts_done and cfg.score_teacher.overlap_rollouts \
                     and not Manifest(run.stage_dir(r, "teacher")).is_complete():
@@ -191,6 +199,50 @@ def rollouts_and_teacher_overlapped(run: RunDir, cfg: Config, r: int, roles: Rol
                 rollouts.join()
 
 
+def round_streamed(run: RunDir, cfg: Config, r: int, roles: Roles) -> None:
+    """Round r with train.data_order "shards": rollouts (overlapped, as above) and teacher scoring in
+    threads, training in this thread, each optimiser step as soon as the teacher shards it draws
+    from are recorded. Every row still comes from round r-1's student; the rows, students and losses
+    are those of the same config run stage after stage. This thread alone sees SIGTERM: the trainer
+    checkpoints at its next step boundary (or while it waits for a shard), then the threads are
+    stopped before their next shard and waited for, as in `rollouts_and_teacher_overlapped`."""
+    from pipeline.work import Follow
+    from stages.rollout import run_rollout
+    from stages.score_teacher import run_score_teacher
+
+    stop, threads, follow_rollouts = threading.Event(), [], None
+    if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
+        sampler = roles.sampler(run.policy_for_round(cfg, r))
+        if cfg.score_teacher.overlap_rollouts:
+            rollouts = StageThread(lambda: run_rollout(run, cfg, r, sampler=sampler, stop=stop), "rollout", r)
+            threads.append(rollouts)
+            follow_rollouts = Follow(run.stage_dir(r, "rollouts"), rollouts.check)
+        else:
+            _require_complete(run_rollout(run, cfg, r, sampler=sampler), "rollout", r)
+    try:
+        teacher = StageThread(lambda: run_score_teacher(run, cfg, r, teacher=roles.teacher(), follow=follow_rollouts,
+                                                        stop=stop), "score-teacher", r)
+        threads.append(teacher)
+
+        def upstream_ok() -> None:  # polled by the trainer while it waits for a teacher shard
+            PREEMPTION.check()
+            teacher.check()
+        roles.trainer().train_round(r, follow=Follow(run.stage_dir(r, "teacher"), upstream_ok))
+        for thread in threads:
+            thread.join()
+            thread.check()
+    finally:
+        if any(t.is_alive() for t in threads):
+            stop.set()
+            for t in threads:
+                t.join(timeout=10)
+            if any(t.is_alive() for t in threads):
+                click.secho(f"stopping: waiting for round {r}'s rollout and teacher threads to finish their shards",
+                            err=True)
+                for t in threads:
+                    t.join()
+
+
 class StageThread(threading.Thread):
     """A stage run in a thread of this process; `check()`, from another thread, raises if it failed
     or ended with the stage incomplete."""
@@ -211,7 +263,7 @@ class StageThread(threading.Thread):
         if self.error is not None:
             if isinstance(self.error, (Preempted, UserError)):
                 raise self.error
-            raise RuntimeError(f"round {self.round} {self.stage}, run in a thread beside score-teacher, failed: "
+            raise RuntimeError(f"round {self.round} {self.stage}, run in a thread of `eopd-pipe run`, failed: "
                                f"{type(self.error).__name__}: {self.error}") from self.error
         if self.summary is not None:
             _require_complete(self.summary, self.stage, self.round)

@@ -19,6 +19,7 @@ Recipe:
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -164,10 +165,13 @@ def teacher_table(rollouts: pa.Table, scored: list[tuple[np.ndarray, ...]], code
 
 
 def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec | None = None,
-                      allow_config_change: bool = False, teacher=None, follow: Follow | None = None) -> StageSummary:
+                      allow_config_change: bool = False, teacher=None, follow: Follow | None = None,
+                      stop: threading.Event | None = None) -> StageSummary:
     """`teacher`: a model already loaded by `load_teacher` (the persistent `run` keeps one across rounds).
     `follow`: the rollouts are still being written by another thread; teacher shard i waits for
-    rollout shard i. The rows, and once complete the manifest, are those of a run after the rollouts."""
+    rollout shard i. The rows, and once complete the manifest, are those of a run after the rollouts.
+    `stop`: set by another thread (the persistent `run`, when it trains beside this stage), it ends
+    the stage before its next shard."""
     sc = cfg.score_teacher
     rollout_dir = run.stage_dir(round_index, "rollouts")
     if follow is None:
@@ -219,7 +223,7 @@ def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: Worker
                    f"over the first {rows:,} (the tokenizer has {len(teacher_tok):,} entries); per shard the footer "
                    f"counts what the {teacher_rows - rows:,} left-out rows would have changed")
     summary = run_shards(run.stage_dir(round_index, STAGE), len(names), plan, open_worker, meta, worker,
-                         desc=f"score-teacher round {round_index}", growing="rollout_shards")
+                         desc=f"score-teacher round {round_index}", growing="rollout_shards", stop=stop)
     if totals["positions"]:
         tqdm.write(count_line(totals, teacher_rows - rows))
     return summary

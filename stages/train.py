@@ -1,8 +1,10 @@
 """`eopd-pipe train`: the student learns from the teacher shards with the entropy-gated objective.
 
 Recipe (per optimiser step s of the round):
-  1. rows of step s: a seeded permutation of the round's responses, `batch_rows` at a time;
-     split across ranks, packed into micro-batches of at most `micro_batch_tokens` padded tokens
+  1. rows of step s: a seeded permutation of the round's responses, `batch_rows` at a time (or,
+     with train.data_order "shards", shard after shard, so the persistent `run` can start training
+     on the first teacher shards); split across ranks, packed into micro-batches of at most
+     `micro_batch_tokens` padded tokens
   2. per micro-batch: student backbone -> hidden states at the positions predicting response
      tokens -> eopd.losses.chunked_objective (LM head + loss chunk by chunk, never full logits),
      normalised by ALL response tokens of the step (the paper's mean over response tokens)
@@ -33,12 +35,13 @@ from pipeline.errors import Preempted, UserError
 from pipeline.models import check_model_dir, length_sorted_batches, load_tokenizer, response_hidden_states
 from pipeline.rundir import RunDir, atomic_write_text, freeze_config
 from pipeline.signals import PREEMPTION
-from pipeline.teacher_data import TeacherRows, load_teacher_rows
+from pipeline.shards import require_complete
+from pipeline.teacher_data import TeacherRows, TeacherStream
 from pipeline.training import (CHECKPOINT_DONE, DeepSpeedEngine, TorchEngine, all_reduce_sum, barrier,
                                checkpoint_name, complete_checkpoints, load_deepspeed_config, load_rng_state,
                                lr_factor, prune_checkpoints, rng_state, save_rng_state, seed_everything,
                                set_rng_state, world)
-from pipeline.work import derive_seed, record_timing, test_pause
+from pipeline.work import Follow, derive_seed, record_timing, test_pause
 
 NORMALISATION = "loss = sum over response tokens of L_t / (all response tokens of the optimiser step)"
 
@@ -61,21 +64,40 @@ def objective_config(tc: TrainConfig) -> ObjectiveConfig:
                            gate_quantile=tc.gate_quantile, lam=tc.lam, clip_eps=tc.clip_eps, jsd_beta=tc.jsd_beta)
 
 
-def plan_steps(rows: TeacherRows, tc: TrainConfig, seed: int, round_index: int, world_size: int) -> list[list[list[list[int]]]]:
-    """steps -> ranks -> micro-batches -> row indices. Deterministic in (seed, round), so the step
-    index alone is the data cursor of a checkpoint."""
+def plan_step_rows(rows_per_shard: list[int], tc: TrainConfig, seed: int, round_index: int,
+                   world_size: int) -> list[list[int]]:
+    """Each optimiser step's responses (the round's row indices; shards in order). Deterministic in
+    (seed, round), so the step index alone is the data cursor of a checkpoint.
+
+    train.data_order "round": a seeded permutation of all the round's responses. "shards": each
+    shard's responses in a seeded order, the shards one after another, so that step s needs only
+    the shards its rows come from and can start while later shards are still being scored."""
     if tc.batch_rows < world_size:
         raise UserError(f"train.batch_rows={tc.batch_rows} is smaller than the {world_size} ranks; each rank needs a response per step")
-    steps = []
+    num_rows, steps = sum(rows_per_shard), []
     for epoch in range(tc.epochs):
-        order = np.random.default_rng(derive_seed(seed, "train", round_index, epoch)).permutation(rows.num_rows).tolist()
+        if tc.data_order == "round":
+            order = np.random.default_rng(derive_seed(seed, "train", round_index, epoch)).permutation(num_rows).tolist()
+        else:
+            starts = np.cumsum([0] + rows_per_shard[:-1])
+            order = [int(a) + int(j) for i, (a, n) in enumerate(zip(starts, rows_per_shard))
+                     for j in np.random.default_rng(derive_seed(seed, "train", round_index, epoch, "shard", i)).permutation(n)]
         for a in range(0, len(order), tc.batch_rows):
             step_rows = order[a : a + tc.batch_rows]
-            if len(step_rows) < world_size:
-                continue  # a tail too small to give every rank a response
-            per_rank = [pack_micro_batches(rows, step_rows[r::world_size], tc.micro_batch_tokens) for r in range(world_size)]
-            steps.append(equal_micro_batch_counts(per_rank))
+            if len(step_rows) >= world_size:  # else a tail too small to give every rank a response
+                steps.append(step_rows)
     return steps
+
+
+def pack_step(rows: TeacherRows, step_rows: list[int], tc: TrainConfig, world_size: int) -> list[list[list[int]]]:
+    """ranks -> micro-batches -> row indices of one step."""
+    per_rank = [pack_micro_batches(rows, step_rows[r::world_size], tc.micro_batch_tokens) for r in range(world_size)]
+    return equal_micro_batch_counts(per_rank)
+
+
+def last_shard_of(step_rows: list[int], rows_per_shard: list[int]) -> int:
+    """The highest shard index that holds one of `step_rows`."""
+    return int(np.searchsorted(np.cumsum(rows_per_shard), max(step_rows), side="right"))
 
 
 def equal_micro_batch_counts(per_rank: list[list[list[int]]]) -> list[list[list[int]]]:
@@ -115,11 +137,12 @@ def response_hidden(model, rows: TeacherRows, batch: list[int], device: torch.de
     return response_hidden_states(model, seqs, [len(rows.prompt_ids[i]) for i in batch], device)
 
 
-def probe_rows(rows: TeacherRows, tokens: int) -> tuple[list[int], list[int]]:
-    """The probe's fixed token positions: (rows, response tokens used of each), `tokens` in all.
+def probe_rows(rows: TeacherRows, tokens: int, within: int | None = None) -> tuple[list[int], list[int]]:
+    """The probe's fixed token positions: (rows, response tokens used of each), `tokens` in all,
+    from the first `within` rows (the first shard's, so that streamed training needs no other).
     Cut to exactly `tokens`, so that a 2,048-token response does not cost a 2,048-token forward per step."""
     out, limits, n = [], [], 0
-    for i in range(rows.num_rows):
+    for i in range(min(rows.num_rows, within or rows.num_rows)):
         take = min(rows.response_length(i), tokens - n)
         if take > 0:
             out.append(i)
@@ -233,16 +256,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases
 
-    def train_round(self, round_index: int) -> TrainSummary:
+    def train_round(self, round_index: int, follow: Follow | None = None) -> TrainSummary:
+        """`follow`: the round's teacher shards are still being scored by another thread of this
+        process (train.data_order "shards" only); each step waits for the shards it needs."""
         wall0 = time.perf_counter()
         out = self.run.student_dir(round_index)
         if (out / "config.json").is_file():
             return TrainSummary(out, 0, 0, 0, None)
-        rows, steps = self._plan(round_index)
+        source, steps = self._plan(round_index, follow)
         t_load = time.perf_counter()
         start, probe_prev = self._restore(round_index, len(steps))
         load_seconds = time.perf_counter() - t_load
-        summary = self._steps(round_index, rows, steps, start, probe_prev)
+        summary = self._steps(round_index, source, steps, start, probe_prev)
         if self.rank == 0:
             write_student(self.engine.module, check_model_dir(self.cfg.student.path, "student"), out)
         barrier()
@@ -254,16 +279,22 @@ class Trainer:
                           summary.engine_seconds + summary.probe_seconds)
         return summary
 
-    def _plan(self, r: int) -> tuple[TeacherRows, list]:
+    def _plan(self, r: int, follow: Follow | None) -> tuple[TeacherStream, list[list[int]]]:
         teacher_dir = self.run.stage_dir(r, "teacher")
-        rows = load_teacher_rows(teacher_dir, self.cfg.score_teacher.top_k,
-                                 f"run `eopd-pipe score-teacher {self.run.root} --round {r}` first")
-        steps = plan_steps(rows, self.tc, self.cfg.seed, r, self.world_size)
+        fix = f"run `eopd-pipe score-teacher {self.run.root} --round {r}` first"
+        if follow is None:
+            data = require_complete(teacher_dir, "teacher shards", fix)
+            rows_per_shard = [data["shards"][name]["rows"] for name in sorted(data["shards"])]
+        else:  # known from the rollout plan before the teacher has scored anything
+            plan = Follow(self.run.stage_dir(r, "rollouts"), follow.check).data()["plan"]
+            rows_per_shard = [n * self.cfg.rollout.n for n in plan["rows_per_shard"]]
+        source = TeacherStream(teacher_dir, rows_per_shard, self.cfg.score_teacher.top_k, fix, follow)
+        steps = plan_step_rows(rows_per_shard, self.tc, self.cfg.seed, r, self.world_size)
         if not steps:
-            raise UserError(f"{teacher_dir}: {rows.num_rows} responses make no optimiser step of "
+            raise UserError(f"{teacher_dir}: {sum(rows_per_shard)} responses make no optimiser step of "
                             f"train.batch_rows={self.tc.batch_rows}")
         self.total_steps = len(steps) * self.cfg.rounds
-        return rows, steps
+        return source, steps
 
     def _restore(self, r: int, round_steps: int) -> tuple[int, torch.Tensor | None]:
         """(first step to take, the probe's previous top-10) after putting the engine in the state
@@ -311,7 +342,7 @@ class Trainer:
             set_rng_state(load_rng_state(rng_file))
         return client
 
-    def _steps(self, r: int, rows: TeacherRows, steps: list, start: int, probe_prev) -> TrainSummary:
+    def _steps(self, r: int, source: TeacherStream, steps: list[list[int]], start: int, probe_prev) -> TrainSummary:
         tc, rank, engine, device = self.tc, self.rank, self.engine, self.device
         objective = objective_config(tc)
         offset = len(steps) * r
@@ -322,18 +353,29 @@ class Trainer:
             keep = [l for l in (metrics_path.read_text().splitlines() if metrics_path.is_file() else [])
                     if json.loads(l)["step"] <= start]
             atomic_write_text(metrics_path, "".join(l + "\n" for l in keep))  # steps after the checkpoint are redone
-            tqdm.write(f"train round {r}: {rows.num_rows} responses, {len(steps)} steps, objective {tc.objective}; "
+            tqdm.write(f"train round {r}: {sum(source.rows_per_shard)} responses, {len(steps)} steps, objective {tc.objective}; "
                        f"{NORMALISATION}" + (f"; resuming after step {start}" if start else ""))
         tb = _tensorboard(train_dir) if (tc.tensorboard and rank == 0) else None
-        probe = probe_rows(rows, tc.probe_tokens)  # (rows, response tokens of each)
+        streamed = tc.data_order == "shards"
+        rows = source.through(0 if streamed else len(source.rows_per_shard) - 1)
+        probe = probe_rows(rows, tc.probe_tokens, source.rows_per_shard[0] if streamed else None)
         metrics, engine_seconds, probe_seconds = None, 0.0, 0.0
         bar = tqdm(total=len(steps), initial=start, desc=f"train round {r}", unit="step", disable=rank != 0)
         # A SIGTERM waits for the step boundary below: checkpoint, then stop.
         with PREEMPTION.deferred():
+            saved = start
             for s in range(start, len(steps)):
+                if streamed:
+                    try:
+                        rows = source.through(last_shard_of(steps[s], source.rows_per_shard))
+                    except Preempted:  # told to stop while waiting for a shard: keep the steps taken
+                        if s > saved:
+                            save_checkpoint(engine, ckpt_dir, s, {"step": s, "probe_topk": probe_prev}, rank,
+                                            tc.keep_checkpoints)
+                        raise
                 t0 = time.perf_counter()
                 lr = engine.lr  # the rate this step's update uses (the scheduler moves on inside it)
-                stats, grad_norm, seconds = self._step(rows, steps[s], objective)
+                stats, grad_norm, seconds = self._step(rows, pack_step(rows, steps[s], tc, self.world_size), objective)
                 engine_seconds += seconds
                 elapsed = time.perf_counter() - t0
                 head = engine.module.get_output_embeddings().weight
@@ -360,6 +402,7 @@ class Trainer:
                 if (s + 1) % tc.checkpoint_every == 0 or preempt or s + 1 == len(steps):
                     save_checkpoint(engine, ckpt_dir, s + 1, {"step": s + 1, "probe_topk": probe_prev}, rank,
                                     tc.keep_checkpoints)
+                    saved = s + 1
                 if preempt:
                     bar.close()
                     raise Preempted()

@@ -221,3 +221,44 @@ def test_overlapped_rounds_write_what_sequential_rounds_write(three_rounds, tmp_
     assert digests(run) == digests(overlapped)
     assert manifests(run) == manifests(overlapped)
     assert round_metrics(run) == round_metrics(overlapped)
+
+
+def test_training_streamed_on_the_first_teacher_shards(toy, tmp_path):
+    """train.data_order=shards: round 0's first optimiser step is taken while the teacher has not yet
+    written shard 2 (its scoring paused there); a SIGTERM then, while the trainer waits for that
+    shard, saves the step taken (exit 143); a SIGKILL in round 1's streamed training; the same
+    command then finishes with the rollout and teacher shards, manifests, students and per-step
+    losses of the stage commands run one after another with the same config."""
+    cfg = write_config(tmp_path / "cfg.yaml", toy, rounds=2,
+                       prompts={"path": str(toy.train_prompts), "limit": 12, "prompts_per_round": 8},
+                       rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 3,
+                                "vllm": {"enforce_eager": True, "dtype": "float32"}},
+                       score_teacher={"top_k": 8}, train={**TRAIN, "data_order": "shards"})
+    # 8 prompts x 2 = shards of 6, 6, 4 responses; steps of 8: step 1 needs shards 0-1, step 2 shard 2.
+    run = tmp_path / "run"
+    proc = spawn_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "teacher.shard_compute:2:45"})
+    wait_for_line(proc, "EOPD_TEST_PAUSE reached teacher.shard_compute:2")
+    metrics = run / "round-0000" / "train" / "metrics.jsonl"
+    wait_until(lambda: metrics.is_file() and metrics.read_text().strip(), "round 0's first optimiser step")
+    assert not (run / "round-0000" / "teacher" / "part-00002.parquet").exists()
+    assert "part-00002.parquet" not in recorded(run, 0, "teacher")
+    assert kill_group(proc, signal.SIGTERM) == 143
+    assert (run / "round-0000" / "train" / "checkpoints" / "step-000001" / "COMPLETE").is_file()
+    assert len(metrics.read_text().splitlines()) == 1
+
+    proc = spawn_cli("run", run, "--config", cfg)
+    wait_until(lambda: (run / "round-0001" / "train" / "metrics.jsonl").is_file() or proc.poll() is not None,
+               "round 1's training")
+    kill_group(proc, signal.SIGKILL)
+    res = run_cli("run", run, "--config", cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    staged = tmp_path / "staged"
+    for r in range(2):
+        for stage in ("rollout", "score-teacher", "train"):
+            res = run_cli(stage, staged, "--config", cfg, "--round", str(r))
+            assert res.returncode == 0, res.stderr[-3000:]
+    assert len([k for k in digests(staged) if k.endswith("model.safetensors")]) == 2
+    assert digests(run) == digests(staged)
+    assert round_metrics(run) == round_metrics(staged)
+    assert manifests(run, tokens=False) == manifests(staged, tokens=False)

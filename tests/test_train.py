@@ -169,3 +169,53 @@ def test_rounds_continue_one_optimisation(scored, tmp_path, zero, ranks):
     got = losses(fresh)
     assert got[:7] == pytest.approx(expected[:7], rel=1e-6, abs=1e-7)  # round 0, and round 1's first loss
     assert abs(got[7] - expected[7]) > 1e-4  # Adam's moments moved the first step of round 1 differently
+
+
+def test_step_plans_by_round_and_by_shard():
+    """"round": one seeded permutation of the round (as before this option); "shards": shard after
+    shard, so each step needs only the shards up to its own and the first steps only shard 0."""
+    import numpy as np
+
+    from pipeline.config import TrainConfig
+    from pipeline.work import derive_seed
+    from stages.train import last_shard_of, plan_step_rows
+
+    rows_per_shard = [24, 24, 24, 10]
+    by_round = plan_step_rows(rows_per_shard, TrainConfig(batch_rows=8), 3, 1, 1)
+    assert sum(by_round, []) == np.random.default_rng(derive_seed(3, "train", 1, 0)).permutation(82).tolist()
+    tc = TrainConfig(batch_rows=8, data_order="shards")
+    by_shard = plan_step_rows(rows_per_shard, tc, 3, 1, 1)
+    assert by_shard == plan_step_rows(rows_per_shard, tc, 3, 1, 1)
+    assert sorted(sum(by_shard, [])) == list(range(82)) and len(by_shard) == 11
+    needed = [last_shard_of(s, rows_per_shard) for s in by_shard]
+    assert needed == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3]
+    assert sorted(sum(by_shard[:3], [])) == list(range(24))  # shard 0's rows, in a seeded order
+    assert sum(by_shard[:3], []) != list(range(24))
+    assert plan_step_rows(rows_per_shard, tc, 4, 1, 1) != by_shard
+
+
+def test_teacher_rows_read_shard_by_shard_equal_the_whole_stage(scored, tmp_path):
+    """TeacherStream (the reader of streamed training) gives the same tensors as the whole stage,
+    and refuses a shard whose row count is not the rollout plan's, naming the file."""
+    import numpy as np
+
+    from pipeline.errors import UserError
+    from pipeline.teacher_data import TOKEN_FIELDS, TeacherStream, load_teacher_rows
+
+    _, run = scored
+    stage = run / "round-0000" / "teacher"
+    data = json.loads((stage / "manifest.json").read_text())
+    counts = [data["shards"][n]["rows"] for n in sorted(data["shards"])]
+    assert len(counts) >= 2
+    whole = load_teacher_rows(stage, 8, "fix")
+    stream = TeacherStream(stage, counts, 8, "fix")
+    first = stream.through(0)
+    assert first.num_rows == counts[0]
+    assert torch.equal(first.response_ids, whole.response_ids[: first.offsets[-1]])
+    rows = stream.through(len(counts) - 1)
+    for f in TOKEN_FIELDS:
+        assert torch.equal(getattr(rows, f), getattr(whole, f)), f
+    assert np.array_equal(rows.offsets, whole.offsets)
+    assert all(np.array_equal(a, b) for a, b in zip(rows.prompt_ids, whole.prompt_ids))
+    with pytest.raises(UserError, match="part-00001.parquet: .* responses where the round's rollout plan has"):
+        TeacherStream(stage, [counts[0], counts[1] + 1] + counts[2:], 8, "fix").through(1)
