@@ -34,8 +34,8 @@ RKL_ESTIMATORS = ("sampled", "topk")
 FKL_MODES = ("renorm", "tail")
 
 # Tokens per chunk of the chunked LM-head loss, measured by bench/train_loss.py (bench/RESULTS.md):
-# at V = 151,936, N = 4,096 on CPU, 512 keeps the peak at 0.22x the naive path's (1024: 0.38x;
-# about five [chunk, V] fp32 buffers live at once) at no loss of speed (256 was slower).
+# at V = 151,936, N = 4,096 on CPU, 512 kept the peak at 0.22x the naive path's when autograd held
+# about five [chunk, V] fp32 buffers at once (256 was slower); _chunk_loss_and_grad now holds two.
 DEFAULT_CHUNK_SIZE = 512
 
 
@@ -258,6 +258,17 @@ def token_objective(student_logits: Tensor, batch: TokenBatch, cfg: ObjectiveCon
     logq = F.log_softmax(student_logits.to(dtype), dim=-1)
     # One gather for y and S: its backward then scatters into a single [n, V] buffer.
     picked = logq.gather(-1, torch.cat([batch.sampled_ids[:, None], batch.teacher_topk_ids], dim=1))
+    with torch.no_grad():
+        student_entropy = entropy_from_logprobs(logq)
+    return picked_objective(picked, student_entropy, batch, cfg, gate)
+
+
+def picked_objective(picked: Tensor, student_entropy: Tensor, batch: TokenBatch, cfg: ObjectiveConfig,
+                     gate: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """token_objective from what every objective needs of the student: picked [n, 1 + k] =
+    (log q(y_t), log q(x) for x in S_t), and H(q_t) [n] for the stats only. L_t depends on the
+    logits only through `picked`, which is what lets the chunked loss write d L / d logits itself."""
+    dtype = picked.dtype
     logq_y, logq_s = picked[:, 0], picked[:, 1:]
     teacher_s = batch.teacher_topk_logprobs.to(dtype)
     student_b, teacher_b = _with_tail(logq_s), _with_tail(teacher_s)
@@ -289,7 +300,7 @@ def token_objective(student_logits: Tensor, batch: TokenBatch, cfg: ObjectiveCon
         advantage = teacher_y - behaviour_y
         ratio = torch.exp(logq_y - behaviour_y)
         clipped = -ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * advantage > -ratio * advantage
-        student_entropy = entropy_from_logprobs(logq)
+        student_entropy = student_entropy.to(dtype)
         stats = {
             "loss_sum": loss.sum(), "rkl_sum": rkl.sum(), "fkl_sum": fkl.sum(), "fkl_gated_sum": fkl_gated.sum(),
             "gated_tokens": gate.sum().to(dtype), "student_entropy_sum": student_entropy.sum(),
@@ -350,6 +361,36 @@ class _ChunkedHeadObjective(torch.autograd.Function):
 
 
 @torch.no_grad()
+def _chunk_loss_and_grad(z: Tensor, batch: TokenBatch, cfg: ObjectiveConfig, gate: Tensor, normalizer: float,
+                         need_grad: bool) -> tuple[Tensor, Optional[Tensor], dict[str, Tensor]]:
+    """One chunk's sum_t L_t / normalizer, d it / d logits, and stats, from its logits z [c, V]
+    (overwritten), with two [c, V] buffers and no autograd over them:
+
+        q = softmax(z),  log q = z - logsumexp(z),  picked = log q at (y_t, S_t),  H(q_t) = -sum q log q
+        d/dz_i = sum_j g_j (1[i = id_j] - q_i) = scatter(g)_i - q_i sum_j g_j,  g = d loss / d picked
+
+    (autograd of token_objective would hold about five: logits, log q, their gradients, the scatter's.)"""
+    m = z.amax(-1, keepdim=True)
+    q = torch.sub(z, m).exp_()
+    total = q.sum(-1, keepdim=True)
+    q.div_(total)
+    logq = z.sub_(m.add_(total.log_()))  # in place: z is now log q
+    ids = torch.cat([batch.sampled_ids[:, None], batch.teacher_topk_ids], dim=1)
+    entropy = -torch.bmm(q.unsqueeze(1), logq.unsqueeze(2)).view(-1)  # a row-wise dot: no [c, V] product
+    picked = logq.gather(-1, ids)
+    del logq, z
+    if not need_grad:
+        per_token, stats = picked_objective(picked, entropy, batch, cfg, gate)
+        return per_token.sum() / normalizer, None, stats
+    with torch.enable_grad():
+        picked.requires_grad_(True)
+        per_token, stats = picked_objective(picked, entropy, batch, cfg, gate)
+        part = per_token.sum() / normalizer
+        (g,) = torch.autograd.grad(part, picked)
+    grad_logits = q.mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, ids, g)
+    return part.detach(), grad_logits, stats
+
+
 def _chunked_pass(hidden: Tensor, weight: Tensor, batch: TokenBatch, cfg: ObjectiveConfig, normalizer: float,
                   chunk_size: int, gate: Tensor, need_h: bool, need_w: bool
                   ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], dict[str, Tensor]]:
@@ -363,23 +404,14 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, batch: TokenBatch, cfg: Object
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
         h = hidden[a:b].detach().to(dtype)
-        logits = h @ w.T
-        if need_h or need_w:
-            with torch.enable_grad():
-                logits.requires_grad_(True)
-                per_token, chunk_stats = token_objective(logits, batch.slice(a, b), cfg, gate[a:b])
-                part = per_token.sum() / normalizer
-                (grad_logits,) = torch.autograd.grad(part, logits)
-            del logits, per_token
-            if need_h:
-                torch.mm(grad_logits, w, out=grad_h[a:b])
-            if need_w:
-                grad_w.addmm_(grad_logits.T, h)
-            del grad_logits
-        else:
-            per_token, chunk_stats = token_objective(logits, batch.slice(a, b), cfg, gate[a:b])
-            part = per_token.sum() / normalizer
-        loss += part.detach()
+        part, grad_logits, chunk_stats = _chunk_loss_and_grad(h @ w.T, batch.slice(a, b), cfg, gate[a:b], normalizer,
+                                                              need_grad=need_h or need_w)
+        if need_h:
+            torch.mm(grad_logits, w, out=grad_h[a:b])
+        if need_w:
+            grad_w.addmm_(grad_logits.T, h)
+        del grad_logits
+        loss += part
         for key, value in chunk_stats.items():
             stats[key] += value
     if grad_h is not None:
@@ -402,11 +434,12 @@ def chunked_objective(hidden: Tensor, lm_head_weight: Tensor, batch: TokenBatch,
     losses gives the paper's mean over all response tokens (gated FKL divided by ALL tokens).
 
     Forward walks chunks of chunk_size tokens: logits_c = h_c W^T in fp32 (fp64 stays fp64), the
-    per-token loss and d loss / d logits_c by autograd on the detached chunk, then
+    per-token loss and d loss / d logits_c (written out, autograd only over the [c, 1 + k] gathered
+    log-probs), then
     grad_h_c = grad_logits_c W and grad_W += grad_logits_c^T h_c. Only those gradients ([N, H],
     [V, H]) are kept; backward scales them by grad_output. Three matmuls like the naive path, no
-    recomputation; peak extra memory ~ a few [chunk_size, V] buffers + grad_W (+ an fp32 copy of
-    W for bf16 weights). Gradients come back in the inputs' dtypes.
+    recomputation; peak extra memory ~ two [chunk_size, V] buffers (`_chunk_loss_and_grad`) + grad_W
+    (+ an fp32 copy of W for bf16 weights). Gradients come back in the inputs' dtypes.
 
     The gate is computed on the whole batch before chunking unless given (pass the optimiser
     batch's gate when a quantile gate spans several micro-batches). Returns the scalar loss and

@@ -301,13 +301,13 @@ def test_chunked_scales_by_grad_output_and_handles_partial_requires_grad():
 
 def test_chunked_never_sees_more_than_a_chunk(monkeypatch):
     seen = []
-    original = losses.token_objective
+    original = losses._chunk_loss_and_grad
 
     def spy(logits, *args, **kw):
         seen.append(tuple(logits.shape))
         return original(logits, *args, **kw)
 
-    monkeypatch.setattr(losses, "token_objective", spy)
+    monkeypatch.setattr(losses, "_chunk_loss_and_grad", spy)
     hidden, weight, batch = head_inputs(37, 103, 16, 5, torch.float32)
     loss, _ = chunked_objective(hidden, weight, batch, ObjectiveConfig(), 37.0, chunk_size=8)
     loss.backward()
