@@ -332,7 +332,7 @@ def main() -> None:
         base_m = child("bare-teacher", run, cfg)
         report("score-teacher", st, st["wall"] - tokens / rate, tokens / rate, tokens, result_of(base_m), base_m)
     if "train" not in todo:
-        todo -= {"eval", "sweep"}  # both need the trained student / the full round
+        todo -= {"eval"}  # it needs the trained student (the sweep needs only the round's rollouts)
 
     if "train" in todo:
         st = cli("train", run, cfg)
