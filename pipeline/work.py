@@ -58,7 +58,9 @@ def test_pause(point: str, index: int, stage: str | None = None) -> None:
         point = spec[0]
     if spec[:2] == [point, str(index)]:
         print(f"{TEST_PAUSE_ENV} reached {point}:{index}", file=sys.stderr, flush=True)
-        time.sleep(float(spec[2]) if len(spec) > 2 else 3600)
+        deadline = time.monotonic() + (float(spec[2]) if len(spec) > 2 else 3600)
+        while time.monotonic() < deadline and not PREEMPTION.requested:  # a SIGTERM ends the pause (threads too)
+            time.sleep(0.05)
 
 
 

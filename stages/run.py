@@ -220,14 +220,19 @@ def round_streamed(run: RunDir, cfg: Config, r: int, roles: Roles) -> None:
         else:
             _require_complete(run_rollout(run, cfg, r, sampler=sampler), "rollout", r)
     try:
-        teacher = StageThread(lambda: run_score_teacher(run, cfg, r, teacher=roles.teacher(), follow=follow_rollouts,
+        # Both models load here, one after the other: transformers' from_pretrained builds on the meta
+        # device through process-wide state, and two loads at once in two threads break each other
+        # ("Cannot copy out of meta tensor").
+        teacher_model, trainer = roles.teacher(), roles.trainer()
+        trainer.prepare_round(r)
+        teacher = StageThread(lambda: run_score_teacher(run, cfg, r, teacher=teacher_model, follow=follow_rollouts,
                                                         stop=stop), "score-teacher", r)
         threads.append(teacher)
 
         def upstream_ok() -> None:  # polled by the trainer while it waits for a teacher shard
             PREEMPTION.check()
             teacher.check()
-        roles.trainer().train_round(r, follow=Follow(run.stage_dir(r, "teacher"), upstream_ok))
+        trainer.train_round(r, follow=Follow(run.stage_dir(r, "teacher"), upstream_ok))
         for thread in threads:
             thread.join()
             thread.check()

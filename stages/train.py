@@ -252,6 +252,7 @@ class Trainer:
         self.engine: TorchEngine | DeepSpeedEngine | None = None
         self.total_steps = 1  # the global LR schedule's length; read by the scheduler's lambda
         self.holds_end_of: int | None = None  # the round whose final state the engine holds
+        self._built_for: int | None = None  # a round whose engine prepare_round built, not yet restored
         self._rng_at_end: dict | None = None
 
     # ------------------------------------------------------------------ phases
@@ -304,11 +305,10 @@ class Trainer:
         if not own and r > 0 and self.holds_end_of == r - 1:
             set_rng_state(self._rng_at_end)  # what else ran in this process (vLLM, teacher) does not count
             return 0, None
-        built_now = self.engine is None
-        if built_now:
-            # Round 0's RNG comes from the seed; a later round's from the checkpoint it continues.
-            seed_everything(derive_seed(self.cfg.seed, "train-init", r, self.rank), self.tc.deterministic)
-            self._build_engine(self.run.policy_for_round(self.cfg, r))
+        built_now = self.engine is None or self._built_for == r
+        if self.engine is None:
+            self.prepare_round(r)
+        self._built_for = None
         if own:
             client = self._load(own[-1])
             return client["step"], client.get("probe_topk")
@@ -328,6 +328,15 @@ class Trainer:
                        f"with a new optimiser (Adam's first steps move every weight by about lr); the LR schedule "
                        f"stays global")
         return 0, None
+
+    def prepare_round(self, r: int) -> None:
+        """Load the student if no engine is held (the persistent `run` calls this before it starts
+        threads: two models loading at once in two threads break transformers' meta-device loading)."""
+        if self.engine is None and not (self.run.student_dir(r) / "config.json").is_file():
+            # Round 0's RNG comes from the seed; a later round's from the checkpoint it continues.
+            seed_everything(derive_seed(self.cfg.seed, "train-init", r, self.rank), self.tc.deterministic)
+            self._build_engine(self.run.policy_for_round(self.cfg, r))
+            self._built_for = r
 
     def _build_engine(self, policy: Path) -> None:
         model, dtype = load_student(check_model_dir(policy, "student"), self.tc, self.device)
@@ -368,6 +377,7 @@ class Trainer:
                 if streamed:
                     try:
                         rows = source.through(last_shard_of(steps[s], source.rows_per_shard))
+                        PREEMPTION.check()  # told to stop while waiting, whether or not the shard came meanwhile
                     except Preempted:  # told to stop while waiting for a shard: keep the steps taken
                         if s > saved:
                             save_checkpoint(engine, ckpt_dir, s, {"step": s, "probe_topk": probe_prev}, rank,
