@@ -190,7 +190,7 @@ def naive_train(run: Path, cfg) -> dict:
         step = order[a : a + tc.batch_rows]
         normalizer = float(sum(rows.response_length(i) for i in step))
         for i in step:  # one response per micro-batch, as micro_batch_tokens = one sequence gives
-            seq = np.concatenate([rows.prompt_ids[i], rows.response_ids[rows.offsets[i]:rows.offsets[i + 1]].numpy()])
+            seq = np.concatenate([rows.prompt_ids[i], rows.response_tokens(i)])
             hidden = response_hidden_states(model, [seq], [len(rows.prompt_ids[i])], torch.device("cpu"))
             batch = rows.token_batch([i])
             loss, _ = naive_objective(hidden, head, batch, objective, normalizer, entropy_gate(batch.teacher_entropy, tc.tau))

@@ -20,7 +20,7 @@ COLUMNS = ["prompt_token_ids", "response_token_ids", "response_logprobs", "teach
 
 @dataclass
 class TeacherRows:
-    """All responses of one round, token arrays flat in row order; row i's tokens are
+    """The responses of one teacher shard, token arrays flat in row order; row i's tokens are
     offsets[i]:offsets[i+1] of every per-token tensor."""
 
     prompt_ids: list[np.ndarray]
@@ -36,18 +36,6 @@ class TeacherRows:
     @property
     def num_rows(self) -> int:
         return len(self.prompt_ids)
-
-    def response_length(self, i: int) -> int:
-        return int(self.offsets[i + 1] - self.offsets[i])
-
-    def token_batch(self, rows: list[int]) -> TokenBatch:
-        """The response tokens of `rows`, concatenated in the given order."""
-        rows = np.asarray(rows, dtype=np.int64)
-        starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
-        # token j of the batch is row r's token (j - batch start of r): one arange, no per-row loop
-        idx = torch.from_numpy(np.arange(lengths.sum()) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths))
-        return TokenBatch(self.response_ids[idx], self.behaviour_logprobs[idx], self.teacher_token_logprobs[idx],
-                          self.teacher_topk_ids[idx], self.teacher_topk_logprobs[idx], self.teacher_entropy[idx])
 
 
 def _flat(column: pa.ChunkedArray, dtype: torch.dtype) -> torch.Tensor:
@@ -90,61 +78,106 @@ def shard_rows(stage_dir: Path, name: str, record: dict, expect_k: int | None) -
     )
 
 
-def concat_rows(parts: list[TeacherRows], stage_dir: Path) -> TeacherRows:
-    """Shards' rows in the given order, as one round's rows (values copied, not changed)."""
-    if len({p.k for p in parts}) > 1:
-        raise UserError(f"{stage_dir}: shards disagree on k ({sorted({p.k for p in parts})}); delete the stage directory "
-                        f"and rescore")
-    ends = np.cumsum([0] + [int(p.offsets[-1]) for p in parts])
-    return TeacherRows(
-        prompt_ids=[x for p in parts for x in p.prompt_ids],
-        **{f: torch.cat([getattr(p, f) for p in parts]) for f in TOKEN_FIELDS},
-        offsets=np.concatenate([[0]] + [p.offsets[1:] + e for p, e in zip(parts, ends)]).astype(np.int64),
-        k=parts[0].k,
-    )
-
-
 TOKEN_FIELDS = ("response_ids", "behaviour_logprobs", "teacher_token_logprobs", "teacher_entropy", "teacher_topk_ids",
                 "teacher_topk_logprobs")
 
 
-def load_teacher_rows(stage_dir: Path, expect_k: int | None, fix: str) -> TeacherRows:
+class RoundRows:
+    """A round's rows held as its shards' `TeacherRows`, never copied into one: row and token
+    indices are the round's (shards in order), as if the shards were concatenated. Shards are
+    appended as they are read, so streamed training adds each shard once."""
+
+    def __init__(self, stage_dir: Path) -> None:
+        self.stage_dir, self.parts = Path(stage_dir), []
+        self.prompt_ids: list[np.ndarray] = []
+        self.offsets = np.zeros(1, dtype=np.int64)  # the round's token offsets per row
+        self._token_starts = np.zeros(1, dtype=np.int64)  # first round token of each part (+ the end)
+
+    def add(self, part: TeacherRows) -> None:
+        if self.parts and part.k != self.k:
+            raise UserError(f"{self.stage_dir}: shards disagree on k ({self.k} and {part.k}); delete the stage "
+                            f"directory and rescore")
+        self.parts.append(part)
+        self.prompt_ids.extend(part.prompt_ids)
+        self.offsets = np.concatenate([self.offsets, part.offsets[1:] + self.offsets[-1]])
+        self._token_starts = np.append(self._token_starts, self.offsets[-1])
+
+    @property
+    def k(self) -> int:
+        return self.parts[0].k
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.prompt_ids)
+
+    def response_length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+    def response_tokens(self, i: int, limit: int | None = None) -> np.ndarray:
+        """Row i's response token ids (its first `limit`, when given)."""
+        p = int(np.searchsorted(self._token_starts, self.offsets[i], side="right")) - 1
+        a = int(self.offsets[i] - self._token_starts[p])
+        n = self.response_length(i) if limit is None else min(limit, self.response_length(i))
+        return self.parts[p].response_ids[a : a + n].numpy()
+
+    def token_batch(self, rows: list[int]) -> TokenBatch:
+        """The response tokens of `rows`, concatenated in the given order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
+        # token j of the batch is round token idx[j] (one arange, no per-row loop), found in its shard
+        idx = np.arange(lengths.sum()) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+        part = np.searchsorted(self._token_starts, idx, side="right") - 1
+        fields = {}
+        for f in TOKEN_FIELDS:
+            first = getattr(self.parts[0], f)
+            out = torch.empty((len(idx),) + tuple(first.shape[1:]), dtype=first.dtype)
+            for p in np.unique(part):
+                at = part == p
+                out[torch.from_numpy(at)] = getattr(self.parts[p], f)[torch.from_numpy(idx[at] - self._token_starts[p])]
+            fields[f] = out
+        return TokenBatch(sampled_ids=fields["response_ids"], behaviour_logprobs=fields["behaviour_logprobs"],
+                          teacher_token_logprobs=fields["teacher_token_logprobs"], teacher_topk_ids=fields["teacher_topk_ids"],
+                          teacher_topk_logprobs=fields["teacher_topk_logprobs"], teacher_entropy=fields["teacher_entropy"])
+
+
+def load_teacher_rows(stage_dir: Path, expect_k: int | None, fix: str) -> RoundRows:
     """Every row of a complete teacher stage, in shard order."""
-    data = require_complete(stage_dir, "teacher shards", fix)
-    parts = [shard_rows(stage_dir, name, data["shards"][name], expect_k) for name in sorted(data["shards"])]
-    if not parts:
+    stream = TeacherStream(stage_dir, None, expect_k, fix)
+    if not stream.rows_per_shard:
         raise UserError(f"{stage_dir}: no teacher shards; {fix}")
-    return concat_rows(parts, stage_dir)
+    return stream.through(len(stream.rows_per_shard) - 1)
 
 
 class TeacherStream:
     """A round's teacher rows, read shard by shard as training reaches them: `through(i)` gives the
-    rows of shards 0..i (row indices are the round's, in shard order). With `follow`, another thread
-    of this process is still scoring the round and a shard not yet recorded is waited for; the rows
-    are the same as those of the finished stage.
+    rows of shards 0..i (row indices are the round's, in shard order; each shard read once). With
+    `follow`, another thread of this process is still scoring the round and a shard not yet recorded
+    is waited for; the rows are the same as those of the finished stage.
 
-    `rows_per_shard`: each shard's response count, known before any shard exists (the rollout plan's
-    prompts per shard x rollout.n), so the step plan and the global LR schedule are fixed up front."""
+    `rows_per_shard`: each shard's response count. Following, it must be given (the rollout plan's
+    prompts per shard x rollout.n, known before any shard exists, so that the step plan and the
+    global LR schedule are fixed up front); otherwise None takes it from the complete stage's manifest."""
 
-    def __init__(self, stage_dir: Path, rows_per_shard: list[int], expect_k: int | None, fix: str,
+    def __init__(self, stage_dir: Path, rows_per_shard: list[int] | None, expect_k: int | None, fix: str,
                  follow=None) -> None:
-        self.stage_dir, self.rows_per_shard, self.expect_k, self.follow = Path(stage_dir), rows_per_shard, expect_k, follow
+        self.stage_dir, self.expect_k, self.follow = Path(stage_dir), expect_k, follow
         self.manifest = None if follow is not None else require_complete(stage_dir, "teacher shards", fix)
-        self._parts: list[TeacherRows] = []
-        self._rows: TeacherRows | None = None  # the concatenation of self._parts
+        if rows_per_shard is None:
+            if self.manifest is None:
+                raise ValueError("TeacherStream: rows_per_shard is needed to follow a stage being written")
+            rows_per_shard = [self.manifest["shards"][name]["rows"] for name in sorted(self.manifest["shards"])]
+        self.rows_per_shard = rows_per_shard
+        self._rows = RoundRows(stage_dir)
 
-    def through(self, i: int) -> TeacherRows:
-        grew = False
-        while len(self._parts) <= i:
-            j, name = len(self._parts), shard_name(len(self._parts))
+    def through(self, i: int) -> RoundRows:
+        while len(self._rows.parts) <= i:
+            j = len(self._rows.parts)
+            name = shard_name(j)
             record = self.follow.record(j) if self.follow is not None else self.manifest["shards"][name]
             part = shard_rows(self.stage_dir, name, record, self.expect_k)
             if part.num_rows != self.rows_per_shard[j]:
                 raise UserError(f"{self.stage_dir / name}: {part.num_rows} responses where the round's rollout plan "
                                 f"has {self.rows_per_shard[j]}; its shards do not belong together: delete "
                                 f"{self.stage_dir.parent} and run the round again")
-            self._parts.append(part)
-            grew = True
-        if grew or self._rows is None:
-            self._rows = concat_rows(self._parts, self.stage_dir)
+            self._rows.add(part)
         return self._rows

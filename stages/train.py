@@ -35,8 +35,7 @@ from pipeline.errors import Preempted, UserError
 from pipeline.models import check_model_dir, length_sorted_batches, load_tokenizer, response_hidden_states
 from pipeline.rundir import RunDir, atomic_write_text, freeze_config
 from pipeline.signals import PREEMPTION
-from pipeline.shards import require_complete
-from pipeline.teacher_data import TeacherRows, TeacherStream
+from pipeline.teacher_data import RoundRows, TeacherStream
 from pipeline.training import (CHECKPOINT_DONE, DeepSpeedEngine, TorchEngine, all_reduce_sum, barrier,
                                checkpoint_name, complete_checkpoints, load_deepspeed_config, load_rng_state,
                                lr_factor, prune_checkpoints, rng_state, save_rng_state, seed_everything,
@@ -89,7 +88,7 @@ def plan_step_rows(rows_per_shard: list[int], tc: TrainConfig, seed: int, round_
     return steps
 
 
-def pack_step(rows: TeacherRows, step_rows: list[int], tc: TrainConfig, world_size: int) -> list[list[list[int]]]:
+def pack_step(rows: RoundRows, step_rows: list[int], tc: TrainConfig, world_size: int) -> list[list[list[int]]]:
     """ranks -> micro-batches -> row indices of one step."""
     per_rank = [pack_micro_batches(rows, step_rows[r::world_size], tc.micro_batch_tokens) for r in range(world_size)]
     return equal_micro_batch_counts(per_rank)
@@ -118,7 +117,7 @@ def equal_micro_batch_counts(per_rank: list[list[list[int]]]) -> list[list[list[
     return out
 
 
-def pack_micro_batches(rows: TeacherRows, idx: list[int], budget: int) -> list[list[int]]:
+def pack_micro_batches(rows: RoundRows, idx: list[int], budget: int) -> list[list[int]]:
     """Longest first, so (rows x longest sequence) <= budget wastes little padding; equal lengths
     in row order."""
     ordered = sorted(idx)
@@ -126,18 +125,16 @@ def pack_micro_batches(rows: TeacherRows, idx: list[int], budget: int) -> list[l
     return [[ordered[j] for j in mb] for mb in length_sorted_batches(lengths, budget)]
 
 
-def response_hidden(model, rows: TeacherRows, batch: list[int], device: torch.device,
+def response_hidden(model, rows: RoundRows, batch: list[int], device: torch.device,
                     limits: list[int] | None = None) -> torch.Tensor:
     """Final hidden states [n_tokens, H] at the positions that predict each response token (only
     the first limits[j] response tokens of row batch[j], when given)."""
-    ends = [rows.offsets[i + 1] if limits is None else min(rows.offsets[i + 1], rows.offsets[i] + limits[j])
+    seqs = [np.concatenate([rows.prompt_ids[i], rows.response_tokens(i, None if limits is None else limits[j])])
             for j, i in enumerate(batch)]
-    seqs = [np.concatenate([rows.prompt_ids[i], rows.response_ids[rows.offsets[i]:end].numpy()])
-            for i, end in zip(batch, ends)]
     return response_hidden_states(model, seqs, [len(rows.prompt_ids[i]) for i in batch], device)
 
 
-def probe_rows(rows: TeacherRows, tokens: int, within: int | None = None) -> tuple[list[int], list[int]]:
+def probe_rows(rows: RoundRows, tokens: int, within: int | None = None) -> tuple[list[int], list[int]]:
     """The probe's fixed token positions: (rows, response tokens used of each), `tokens` in all,
     from the first `within` rows (the first shard's, so that streamed training needs no other).
     Cut to exactly `tokens`, so that a 2,048-token response does not cost a 2,048-token forward per step."""
@@ -283,13 +280,12 @@ class Trainer:
     def _plan(self, r: int, follow: Follow | None) -> tuple[TeacherStream, list[list[int]]]:
         teacher_dir = self.run.stage_dir(r, "teacher")
         fix = f"run `eopd-pipe score-teacher {self.run.root} --round {r}` first"
-        if follow is None:
-            data = require_complete(teacher_dir, "teacher shards", fix)
-            rows_per_shard = [data["shards"][name]["rows"] for name in sorted(data["shards"])]
-        else:  # known from the rollout plan before the teacher has scored anything
+        rows_per_shard = None  # a complete stage: its manifest's
+        if follow is not None:  # known from the rollout plan before the teacher has scored anything
             plan = Follow(self.run.stage_dir(r, "rollouts"), follow.check).data()["plan"]
             rows_per_shard = [n * self.cfg.rollout.n for n in plan["rows_per_shard"]]
         source = TeacherStream(teacher_dir, rows_per_shard, self.cfg.score_teacher.top_k, fix, follow)
+        rows_per_shard = source.rows_per_shard
         steps = plan_step_rows(rows_per_shard, self.tc, self.cfg.seed, r, self.world_size)
         if not steps:
             raise UserError(f"{teacher_dir}: {sum(rows_per_shard)} responses make no optimiser step of "
@@ -420,7 +416,7 @@ class Trainer:
         return TrainSummary(self.run.student_dir(r), len(steps) - start, len(steps), start, metrics,
                             engine_seconds=engine_seconds, probe_seconds=probe_seconds)
 
-    def _step(self, rows: TeacherRows, step: list, objective: ObjectiveConfig) -> tuple[dict, float, float]:
+    def _step(self, rows: RoundRows, step: list, objective: ObjectiveConfig) -> tuple[dict, float, float]:
         """One optimiser step over `step` (ranks -> micro-batches -> rows): (summed stats, grad norm,
         seconds inside forward/backward/optimiser)."""
         tc, engine, device = self.tc, self.engine, self.device

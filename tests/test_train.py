@@ -195,27 +195,53 @@ def test_step_plans_by_round_and_by_shard():
 
 
 def test_teacher_rows_read_shard_by_shard_equal_the_whole_stage(scored, tmp_path):
-    """TeacherStream (the reader of streamed training) gives the same tensors as the whole stage,
-    and refuses a shard whose row count is not the rollout plan's, naming the file."""
+    """The round's rows, held as shards and read shard by shard (TeacherStream, the reader of
+    streamed training), give the same tokens as the shards' concatenation, in any row order; a
+    shard whose row count is not the rollout plan's is refused, naming the file."""
+    import dataclasses
+
     import numpy as np
 
     from pipeline.errors import UserError
-    from pipeline.teacher_data import TOKEN_FIELDS, TeacherStream, load_teacher_rows
+    from pipeline.teacher_data import TeacherStream, load_teacher_rows, shard_rows
 
     _, run = scored
     stage = run / "round-0000" / "teacher"
     data = json.loads((stage / "manifest.json").read_text())
-    counts = [data["shards"][n]["rows"] for n in sorted(data["shards"])]
+    names = sorted(data["shards"])
+    counts = [data["shards"][n]["rows"] for n in names]
     assert len(counts) >= 2
+    # the reference: every shard's per-token tensors concatenated by hand
+    parts = [shard_rows(stage, n, data["shards"][n], 8) for n in names]
+    cat = {f: torch.cat([getattr(p, f) for p in parts]) for f in
+           ("response_ids", "behaviour_logprobs", "teacher_token_logprobs", "teacher_entropy", "teacher_topk_ids",
+            "teacher_topk_logprobs")}
+    offsets = np.concatenate([[0], np.cumsum([int(p.offsets[i + 1] - p.offsets[i]) for p in parts
+                                              for i in range(p.num_rows)])])
+    want_names = {"response_ids": "sampled_ids"}
+
+    def expected(rows):
+        idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in rows])
+        return {want_names.get(f, f): t[idx] for f, t in cat.items()}
+
     whole = load_teacher_rows(stage, 8, "fix")
     stream = TeacherStream(stage, counts, 8, "fix")
     first = stream.through(0)
-    assert first.num_rows == counts[0]
-    assert torch.equal(first.response_ids, whole.response_ids[: first.offsets[-1]])
+    assert first.num_rows == counts[0] and len(first.parts) == 1
+    n = sum(counts)
+    orders = [list(range(counts[0])), list(range(n)), np.random.default_rng(0).permutation(n).tolist(),
+              [n - 1, 0, counts[0], counts[0] - 1]]
     rows = stream.through(len(counts) - 1)
-    for f in TOKEN_FIELDS:
-        assert torch.equal(getattr(rows, f), getattr(whole, f)), f
-    assert np.array_equal(rows.offsets, whole.offsets)
-    assert all(np.array_equal(a, b) for a, b in zip(rows.prompt_ids, whole.prompt_ids))
+    assert rows is first and len(rows.parts) == len(counts)  # grown in place, each shard read once
+    for reader in (rows, whole):
+        assert np.array_equal(reader.offsets, offsets)
+        assert all(np.array_equal(a, b) for a, b in zip(reader.prompt_ids, [x for p in parts for x in p.prompt_ids]))
+        for order in orders:
+            got = dataclasses.asdict(reader.token_batch(order))
+            for f, t in expected(order).items():
+                assert torch.equal(got[f], t), f
+        for i in (0, counts[0] - 1, counts[0], n - 1):
+            assert np.array_equal(reader.response_tokens(i), cat["response_ids"][offsets[i]:offsets[i + 1]].numpy())
+            assert np.array_equal(reader.response_tokens(i, 2), cat["response_ids"][offsets[i]:offsets[i] + 2].numpy())
     with pytest.raises(UserError, match="part-00001.parquet: .* responses where the round's rollout plan has"):
         TeacherStream(stage, [counts[0], counts[1] + 1] + counts[2:], 8, "fix").through(1)
