@@ -16,6 +16,7 @@ to the caller:
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -41,8 +42,14 @@ class Sampler:
 
     def __init__(self, policy: Path, vllm_cfg, seed: int, in_process: bool | None = None) -> None:
         self.llm = make_llm(policy, vllm_cfg, seed=seed, worker_extension_cls=EXTENSION, in_process=in_process)
-        self.policy = Path(policy).resolve()
+        self.policy = self.started_from = Path(policy).resolve()
         self.reload_seconds = 0.0
+
+    def can_load(self, policy: Path) -> bool:
+        """Whether `policy` can be swapped in and then sample exactly as an engine started from it:
+        the same model config (shapes, vocabulary, tied head), generation config and tokenizer files
+        as the model this engine was started from (which fixed its stop tokens and vocabulary)."""
+        return _engine_files(Path(policy)) == _engine_files(self.started_from)
 
     def load(self, policy: Path) -> None:
         """Sample from the weights in `policy` (a save_pretrained directory of the same architecture)."""
@@ -61,3 +68,21 @@ class Sampler:
         if core is not None:
             core.shutdown()
         self.llm = None
+
+
+# Keys that save_pretrained and the trainer write whatever the weights, which the engine does not read.
+_NOISE = ("_name_or_path", "name_or_path", "transformers_version", "use_cache", "is_local", "local_files_only")
+
+
+def _engine_files(model_dir: Path) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja"):
+        path = model_dir / name
+        if not path.is_file():
+            out[name] = None
+        elif name.endswith("config.json") or name == "special_tokens_map.json":
+            out[name] = {k: v for k, v in json.loads(path.read_text()).items() if k not in _NOISE}
+        else:
+            out[name] = path.read_bytes()
+    return out

@@ -213,9 +213,10 @@ def entropy_note(temperature: float, top_p: float) -> str:
 # ----------------------------------------------------------------------------- the stage
 
 
-def run_eval(run: RunDir, cfg: Config, model: str, allow_config_change: bool = False) -> dict[str, Any]:
+def run_eval(run: RunDir, cfg: Config, model: str, allow_config_change: bool = False, sampler=None) -> dict[str, Any]:
     """Evaluate `model` (base, teacher, final or round-N) on cfg.eval.prompts; writes and returns
-    RUN_DIR/eval/<model>.json."""
+    RUN_DIR/eval/<model>.json. `sampler`: a running `pipeline.sampler.Sampler` that can load the
+    model's weights in place (the persistent `run`'s), used instead of starting an engine."""
     ec = cfg.eval
     target = resolve_model(run, cfg, model)
     if ec.prompts is None:
@@ -241,7 +242,8 @@ def run_eval(run: RunDir, cfg: Config, model: str, allow_config_change: bool = F
         save_prompt_cache(prompts_dir, prompts)
 
     t0 = time.time()
-    texts_and_stats = sample_responses(target.path, prompts.column("prompt_token_ids").to_pylist(), prompt_ids, tokenizer, cfg)
+    texts_and_stats = sample_responses(target.path, prompts.column("prompt_token_ids").to_pylist(), prompt_ids, tokenizer, cfg,
+                                       sampler)
     sample_s = time.time() - t0
 
     gold_parsed = [parse_math(g, gold=True) for g in golds] if ec.verifier == "math" else [None] * len(golds)
@@ -296,8 +298,10 @@ def run_eval(run: RunDir, cfg: Config, model: str, allow_config_change: bool = F
 
 
 def sample_responses(model_path: Path, prompt_tokens: list[list[int]], prompt_ids: list[str], tokenizer,
-           cfg: Config) -> list[tuple[str, int, float, bool]]:
-    """eval.samples responses per prompt with vLLM, in prompt order: (text, tokens, sum of -log q, truncated)."""
+                     cfg: Config, sampler=None) -> list[tuple[str, int, float, bool]]:
+    """eval.samples responses per prompt with vLLM, in prompt order: (text, tokens, sum of -log q, truncated).
+    Every request carries its own seed, so a `sampler` loaded with the model samples what a new
+    engine would (tests/test_run.py)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -311,7 +315,11 @@ def sample_responses(model_path: Path, prompt_tokens: list[list[int]], prompt_id
                 logprobs=0,  # the sampled token's log-prob under the model: the entropy estimate
                 seed=derive_seed(cfg.seed, STAGE, pid, i),
             ))
-    llm = make_llm(model_path, ec.vllm, seed=derive_seed(cfg.seed, STAGE))
+    if sampler is not None:
+        sampler.load(model_path)
+        llm = sampler.llm
+    else:
+        llm = make_llm(model_path, ec.vllm, seed=derive_seed(cfg.seed, STAGE))
     outputs = llm.generate(requests, params, use_tqdm=True)
     results = []
     for out in outputs:

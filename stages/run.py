@@ -16,7 +16,9 @@ Recipe:
      With train.data_order "shards" training also starts on the round's first teacher shards
      (`round_streamed`): rollouts and scoring in threads, each optimiser step taken as soon as the
      shards it draws from are recorded; still strictly on-policy.
-  3. eval of cfg.eval.models that have no result yet (own processes), then the report plots
+  3. eval of cfg.eval.models that have no result yet, then the report plots: with the rollout
+     engine, the model's weights loaded in place, where it has the student's architecture and
+     tokenizer and eval.vllm is rollout.vllm (no engine start per model); else an own process
 The same command resumes after preemption at any point: finished stages are skipped, an
 interrupted one resumes from its shards or checkpoints.
 
@@ -107,6 +109,16 @@ class Roles:
             self._trainer = Trainer(self.run, self.cfg)
         return self._trainer
 
+    def eval_sampler(self, model: Path):
+        """The rollout engine, to evaluate `model` in place of a new engine (an eval process and an
+        engine start saved per model), when eval asks for the same engine settings and the model
+        has the student's architecture and tokenizer (base, final, round-N; the teacher where it
+        is the student's kind, as in the toy). None: evaluate in an own process."""
+        if self.cfg.eval.vllm != self.cfg.rollout.vllm:
+            return None
+        sampler = self.sampler(Path(self.cfg.student.path))
+        return sampler if sampler.can_load(model) else None
+
     def close(self) -> None:
         """Free the models before eval starts its own engines (GPU memory)."""
         if self._sampler is not None:
@@ -130,7 +142,8 @@ def _warn_if_sharing_a_gpu(cfg: Config) -> None:
 
 
 def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
-    """All rounds in this process, each role's model loaded once (see the module docstring)."""
+    """All rounds in this process, each role's model loaded once (see the module docstring).
+    Returns the roles still loaded (eval may sample with the rollout engine); the caller closes them."""
     from stages.rollout import run_rollout
     from stages.score_teacher import run_score_teacher
 
@@ -155,16 +168,9 @@ def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
             if not run.student_done(r):
                 roles.trainer().train_round(r)
             health.after_round(r)
-    except (Preempted, UserError):
-        raise
-    except Exception:
-        # A SIGTERM to the process group also stops vLLM's engine process; what then fails in
-        # this one is the preemption, not an error.
-        if PREEMPTION.requested:
-            raise Preempted() from None
-        raise
-    finally:
+    except BaseException:
         roles.close()
+        raise
     return roles
 
 
@@ -303,21 +309,47 @@ def run_all(run: RunDir, cfg: Config, allow_config_change: bool = False, per_sta
     check_model_dir(cfg.teacher.path, "teacher")
     freeze_config(run, cfg, allow_config_change)
     root = str(run.root)
-    if not per_stage_processes and cfg.train.processes <= 1:
-        run_rounds_persistent(run, cfg)
-    health = HealthWatch(run)
-    for r in range(cfg.rounds):
-        if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
-            run_stage(["rollout", root, "--round", str(r)])
-        if not Manifest(run.stage_dir(r, "teacher")).is_complete():
-            run_stage(["score-teacher", root, "--round", str(r)])
-        if not run.student_done(r):
-            run_stage(["train", root, "--round", str(r)], train_launcher(cfg))
-            health.after_round(r)
-    evaluated = []
-    if cfg.eval.prompts is not None:
-        for model in cfg.eval.models:
-            if not (run.root / "eval" / f"{model}.json").is_file():
-                run_stage(["eval", root, "--model", model])
-            evaluated.append(model)
+    roles = None
+    try:
+        if not per_stage_processes and cfg.train.processes <= 1:
+            roles = _preemption_not_error(run_rounds_persistent, run, cfg)
+        health = HealthWatch(run)
+        for r in range(cfg.rounds):
+            if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
+                run_stage(["rollout", root, "--round", str(r)])
+            if not Manifest(run.stage_dir(r, "teacher")).is_complete():
+                run_stage(["score-teacher", root, "--round", str(r)])
+            if not run.student_done(r):
+                run_stage(["train", root, "--round", str(r)], train_launcher(cfg))
+                health.after_round(r)
+        evaluated = []
+        if cfg.eval.prompts is not None:
+            from stages.eval import resolve_model, run_eval
+
+            for model in cfg.eval.models:
+                if not (run.root / "eval" / f"{model}.json").is_file():
+                    sampler = roles.eval_sampler(resolve_model(run, cfg, model).path) if roles else None
+                    if sampler is not None:
+                        _preemption_not_error(run_eval, run, cfg, model, sampler=sampler)
+                    else:
+                        if roles is not None:
+                            roles.close()  # its engine's memory goes to the eval process's
+                        run_stage(["eval", root, "--model", model])
+                evaluated.append(model)
+    finally:
+        if roles is not None:
+            roles.close()
     return evaluated
+
+
+def _preemption_not_error(fn: Callable, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except (Preempted, UserError):
+        raise
+    except Exception:
+        # A SIGTERM to the process group also stops vLLM's engine process; what then fails in
+        # this one is the preemption, not an error.
+        if PREEMPTION.requested:
+            raise Preempted() from None
+        raise

@@ -136,10 +136,17 @@ def three_rounds(toy, tmp_path_factory):
                        rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 3,
                                 "vllm": {"enforce_eager": True, "dtype": "float32"}},
                        score_teacher={"top_k": 8},
-                       train={**TRAIN, "lr_schedule": "cosine", "warmup_steps": 3, "checkpoint_every": 1})
+                       train={**TRAIN, "lr_schedule": "cosine", "warmup_steps": 3, "checkpoint_every": 1},
+                       eval={"prompts": {"path": str(toy.eval_prompts), "limit": 4}, "verifier": "toy", "samples": 3,
+                             "max_tokens": 8, "temperature": 1.0, "top_p": 1.0, "models": ["base", "teacher", "final"],
+                             "vllm": {"enforce_eager": True, "dtype": "float32"}})
     run = tmp / "persistent"
     res = run_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_compute:1:3"})
     assert res.returncode == 0, res.stderr[-3000:]
+    # base and final are evaluated with the rollout engine (weights loaded in place); the quick toy's
+    # teacher has another architecture than its student, so it gets its own eval process and engine.
+    assert "$ eopd-pipe eval" in res.stderr and "--model teacher" in res.stderr
+    assert "--model base" not in res.stderr and "--model final" not in res.stderr
     # The barely trained toy student rarely ends within 12 tokens: `run` says so after each round.
     from pipeline.health import round_health
 
@@ -160,6 +167,14 @@ def test_persistent_run_writes_exactly_what_the_stage_commands_write(three_round
     assert digests(staged) == digests(persistent)
     assert len([k for k in digests(staged) if k.endswith("model.safetensors")]) == 3
     assert round_metrics(staged) == round_metrics(persistent)
+    # Eval with the rollout engine, its weights swapped in place, samples what a new engine samples.
+    for model in ("base", "final"):
+        res = run_cli("eval", staged, "--config", cfg, "--model", model)
+        assert res.returncode == 0, res.stderr[-3000:]
+        fresh, reused = (json.loads((r / "eval" / f"{model}.json").read_text()) for r in (staged, persistent))
+        for result in (fresh, reused):
+            del result["sample_seconds"], result["model_path"]
+        assert fresh == reused and fresh["problems"] == 4
 
 
 def test_one_optimisation_across_rounds(three_rounds, tmp_path):
