@@ -135,10 +135,11 @@ class Stopped(Exception):
 
 class Follow:
     """An upstream stage that another thread of this process is still writing: `record(i)` waits
-    until shard i is in its manifest (polling), and stops with the writer's error as soon as
+    until shard i is in its manifest (polling: every 10 ms, as each round waits for its shards once or
+    twice and a round of the toy takes about 2 s), and stops with the writer's error as soon as
     `check()` raises one (it fails, is stopped, or ends without finishing the stage)."""
 
-    def __init__(self, stage_dir: Path, check: Callable[[], None], poll_seconds: float = 0.1) -> None:
+    def __init__(self, stage_dir: Path, check: Callable[[], None], poll_seconds: float = 0.01) -> None:
         self.manifest, self.check, self.poll_seconds = Manifest(stage_dir), check, poll_seconds
 
     def data(self) -> dict[str, Any]:
