@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import cached_property
 from pathlib import Path
 
 from pipeline.models import make_llm
@@ -49,7 +50,11 @@ class Sampler:
         """Whether `policy` can be swapped in and then sample exactly as an engine started from it:
         the same model config (shapes, vocabulary, tied head), generation config and tokenizer files
         as the model this engine was started from (which fixed its stop tokens and vocabulary)."""
-        return _engine_files(Path(policy)) == _engine_files(self.started_from)
+        return _engine_files(Path(policy)) == self._started_files
+
+    @cached_property
+    def _started_files(self) -> dict[str, object]:
+        return _engine_files(self.started_from)  # read once: a real tokenizer.json is ~11 MB
 
     def load(self, policy: Path) -> None:
         """Sample from the weights in `policy` (a save_pretrained directory of the same architecture)."""
