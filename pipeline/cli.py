@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from pipeline import storage
 from pipeline.config import Config, load_config
 from pipeline.errors import Preempted, UserError
 from pipeline.logs import capture_logs, log_path, print_exception_to_terminal, set_verbose, terminal_stderr
@@ -22,14 +25,30 @@ CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 def resolve_config(run: RunDir, config_path: Path | None, overrides: tuple[str, ...]) -> Config:
     """--config FILE if given, else the run's frozen config.yaml, else the embedded default."""
-    if config_path is None and run.config_path.is_file():
+    if config_path is None and storage.is_file(run.config_path):
         config_path = run.config_path
     return load_config(config_path, overrides)
 
 
+class RunDirParam(click.ParamType):
+    """RUN_DIR: a local directory or a bucket URL (s3://bucket/prefix). Kept as text: a `Path`
+    would turn "s3://b/x" into the local folder "s3:/b/x". Schemes are checked by RunDir."""
+
+    name = "RUN_DIR"
+
+    def convert(self, value, param, ctx):
+        text = str(value)
+        if "://" not in text and Path(text).is_file():
+            self.fail(f"{text} is a file; RUN_DIR is a directory (or s3://bucket/prefix)", param, ctx)
+        return text
+
+
+RUN_DIR = RunDirParam()
+
+
 def stage_options(f):
     """Options every stage command shares."""
-    f = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))(f)
+    f = click.argument("run_dir", type=RUN_DIR)(f)
     f = click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
                      help="YAML config. Default: RUN_DIR/config.yaml if the run exists, else configs/default.yaml.")(f)
     f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -78,7 +97,17 @@ def quiet(name: str, dir_param: str = "run_dir"):
         @functools.wraps(f)
         def wrapper(*args, verbose: bool = False, **kwargs):
             set_verbose(verbose)
-            root = Path(kwargs[dir_param]).resolve()
+            root = storage.location(kwargs[dir_param])
+            if storage.is_remote(root):  # logs are written locally, then uploaded when the command ends
+                local = storage.cache_root() / "logs" / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+                local.mkdir(parents=True, exist_ok=True)
+                try:
+                    with capture_logs(log_path(local, name), only_inside=local):
+                        return f(*args, **kwargs)
+                finally:
+                    if log_path(local, name).is_file():
+                        with contextlib.suppress(UserError):  # the command's own error is the one to report
+                            storage.write_bytes(log_path(root, name), log_path(local, name).read_bytes())
             # only_inside: a call refused before it creates the directory must not leave it behind.
             with capture_logs(log_path(root, name), only_inside=root):
                 return f(*args, **kwargs)
@@ -177,7 +206,7 @@ def train(run_dir, config_path, overrides, allow_config_change, round_index, loc
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir", type=RUN_DIR)
 @click.option("--verify", is_flag=True, help="Also check every shard's sha256 against its manifest.")
 @click.option("--repair", is_flag=True,
               help="Rebuild a deleted or corrupted manifest.json from the shards that read back whole with the "
@@ -254,7 +283,7 @@ def eval_cmd(run_dir, config_path, overrides, allow_config_change, model):
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir", type=RUN_DIR)
 @handle_errors
 @quiet("report")
 def report(run_dir):
@@ -266,7 +295,7 @@ def report(run_dir):
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=RUN_DIR)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("compare"),
               show_default=True, help="Where the comparison plot goes.")
 @handle_errors

@@ -231,9 +231,11 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def read_yaml(path: Path) -> dict:
+def read_yaml(path) -> dict:
+    from pipeline import storage  # a run's frozen config.yaml may live on a bucket
+
     try:
-        text = Path(path).read_text()
+        text = storage.read_text(path) if storage.is_remote(path) else Path(path).read_text()
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     try:
@@ -254,9 +256,15 @@ def validate(data: dict, source: str) -> Config:
         raise UserError(_format_validation_error(e, source, Config)) from None
 
 
+def storage_remote(path) -> bool:
+    from pipeline import storage
+
+    return storage.is_remote(path)
+
+
 def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (the embedded default when `path` is None) and apply `--set` overrides."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    path = (path if storage_remote(path) else Path(path)) if path is not None else DEFAULT_CONFIG
     data = deep_merge(read_yaml(path), parse_overrides(overrides))
     source = str(path) + (f" (with --set {' '.join(overrides)})" if overrides else "")
     return validate(data, source)

@@ -82,9 +82,11 @@ def _whole(frac: str) -> bool:
     return a == b
 
 
-def _root(run_dir) -> Path:
+def _root(run_dir):
     # A RunDir or a path (not getattr(.., "root"): every Path has a .root, "/")
-    return Path(run_dir.root if hasattr(run_dir, "round_dir") else run_dir).resolve()
+    from pipeline import storage
+
+    return run_dir.root if hasattr(run_dir, "round_dir") else storage.location(run_dir)
 
 
 def _stage_files(stage_dir: Path) -> tuple[list[Path], int | None]:

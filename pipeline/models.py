@@ -13,10 +13,20 @@ if TYPE_CHECKING:  # torch is imported where used: `eopd-pipe --help` should not
     import torch
 
 
-def check_model_dir(path: str | Path, what: str) -> Path:
+def check_model_dir(path, what: str) -> Path:
     """A local HF model directory must exist and hold config.json. The hub is asked only for a name
-    that cannot be a local path ("org/name" whose "org" is not a local directory) or "hub:org/name"."""
+    that cannot be a local path ("org/name" whose "org" is not a local directory) or "hub:org/name".
+    A bucket URL (s3://bucket/prefix, also a student written into a bucket run directory) is read
+    from its verified local cache (`storage.local_tree`), downloaded once per content."""
+    from pipeline import storage
+
     text = str(path)
+    if storage.is_remote(path) or storage.looks_like_url(text):
+        loc = storage.location(path)
+        if not storage.is_file(loc / "config.json"):
+            raise UserError(f"{what} model {loc} has no config.json (or does not exist); it must be a transformers "
+                            f"save_pretrained directory uploaded under that prefix")
+        return storage.local_tree(loc, f"{what} model")
     if text.startswith("hub:"):  # "hub:org/name": the hub, even where a local path of that name could exist
         return _hub_snapshot(text[len("hub:"):], what)
     p = Path(text).expanduser()

@@ -13,7 +13,9 @@ import pyarrow as pa
 
 from pipeline.config import PromptsConfig
 from pipeline.errors import UserError
-from pipeline.shards import file_metadata, read_parquet, remove_stale_tmp, write_shard
+from pipeline import storage
+from pipeline.shards import read_parquet, remove_stale_tmp, schema_metadata, write_shard
+from pipeline.storage import Location
 
 RESERVED_COLUMNS = {
     "prompt_id", "sample_index", "prompt_token_ids", "response_token_ids", "response_logprobs",
@@ -143,9 +145,11 @@ def tokenized_prompts(prompts_dir: Path, cfg: PromptsConfig, tokenizer) -> tuple
     `save_prompt_cache` once every input of the call has been checked.
     """
     key = prompt_cache_key(cfg, tokenizer)
-    cache = Path(prompts_dir) / "prompts.parquet"
-    if cache.is_file() and file_metadata(cache).get("cache_key") == key:
-        return read_parquet(cache), True
+    cache = prompts_dir / "prompts.parquet"
+    if storage.is_file(cache):
+        table = read_parquet(cache)
+        if schema_metadata(table.schema).get("cache_key") == key:
+            return table, True
 
     ds = load_prompt_dataset(cfg)
     check_prompt_columns(cfg, ds.column_names)
@@ -167,11 +171,10 @@ def tokenized_prompts(prompts_dir: Path, cfg: PromptsConfig, tokenizer) -> tuple
     return table.replace_schema_metadata({b"eopd.cache_key": key.encode()}), False
 
 
-def save_prompt_cache(prompts_dir: Path, table: pa.Table) -> None:
+def save_prompt_cache(prompts_dir: Location, table: pa.Table) -> None:
     key = table.schema.metadata[b"eopd.cache_key"].decode()
-    Path(prompts_dir).mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(Path(prompts_dir) / "prompts.parquet")
-    write_shard(Path(prompts_dir) / "prompts.parquet", table, {"cache_key": key, "stage": "prompts"})
+    remove_stale_tmp(prompts_dir / "prompts.parquet")
+    write_shard(prompts_dir / "prompts.parquet", table, {"cache_key": key, "stage": "prompts"})
 
 
 def round_prompt_indices(num_prompts: int, per_round: int | None, seed: int, round_index: int) -> np.ndarray:

@@ -1,25 +1,26 @@
 """Parquet shards and their manifest: the data contract between stages.
 
-A shard is written under a hidden temporary name, fsynced and renamed, so a file with a final
-name is always complete. The stage's `manifest.json` records each finished shard's rows, bytes
-and sha256; readers verify the checksum and name the file when it does not match.
+A shard's final name is always a complete file or object (`pipeline.storage.write_file`: a
+renamed temporary file locally, one PUT on a bucket). The stage's `manifest.json` records each
+finished shard's rows, bytes and sha256, updated through `pipeline.storage.update` (an fcntl lock
+locally, compare-and-swap on its ETag on a bucket), so concurrent workers never lose a record;
+readers verify the checksum and name the file when it does not match.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from filelock import FileLock
 
+from pipeline import storage
 from pipeline.errors import UserError
-from pipeline.rundir import atomic_write_text
+from pipeline.storage import Location
 
 SCHEMA_VERSION = "1"
 META_PREFIX = "eopd."
@@ -30,30 +31,15 @@ def shard_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Location) -> str:
+    return storage.sha256_of(path)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def tmp_path_for(final: Path) -> Path:
-    # Leading dot: globs like "*.parquet" (datasets, pandas) never pick up a half-written shard.
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
-def remove_stale_tmp(final: Path) -> None:
-    for p in final.parent.glob(f".{final.name}.tmp-*"):
-        p.unlink(missing_ok=True)
+remove_stale_tmp = storage.remove_stale_tmp
 
 
 @dataclass(frozen=True)
@@ -67,31 +53,28 @@ class ShardInfo:
         return {"rows": self.rows, "bytes": self.bytes, "sha256": self.sha256, "tokens": self.tokens}
 
 
-def write_shard(final: Path, table: pa.Table, metadata: dict[str, str], tokens: int = 0,
+def write_shard(final: Location, table: pa.Table, metadata: dict[str, str], tokens: int = 0,
                 before_rename: Callable[[], None] | None = None) -> ShardInfo:
-    """Write `table` (zstd Parquet) atomically to `final`, with `metadata` in the file footer."""
+    """Write `table` (zstd Parquet) to `final`, complete or not at all, with `metadata` in the footer.
+    `before_rename` runs once the file is whole, just before it takes its final name (the kill tests)."""
     meta = dict(table.schema.metadata or {})
     meta.update({f"{META_PREFIX}{k}".encode(): str(v).encode() for k, v in metadata.items()})
     meta[f"{META_PREFIX}schema_version".encode()] = SCHEMA_VERSION.encode()
     table = table.replace_schema_metadata(meta)
-    tmp = tmp_path_for(final)
-    try:
+    info: list[ShardInfo] = []
+
+    def fill(tmp: Path) -> None:
         pq.write_table(table, tmp, compression="zstd", compression_level=ZSTD_LEVEL)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        info = ShardInfo(rows=table.num_rows, bytes=tmp.stat().st_size, sha256=sha256_file(tmp), tokens=tokens)
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return info
+        info.append(ShardInfo(rows=table.num_rows, bytes=tmp.stat().st_size, sha256=storage.sha256_of(tmp), tokens=tokens))
+
+    storage.write_file(final, fill, before_rename, doing="write the shard")
+    return info[0]
 
 
-def file_metadata(path: Path) -> dict[str, str]:
+def file_metadata(path: Location) -> dict[str, str]:
     """The `eopd.*` footer keys of a shard, without the prefix."""
+    if storage.is_remote(path):
+        return schema_metadata(pq.read_schema(pa.BufferReader(storage.read_bytes(path))))
     return schema_metadata(pq.read_schema(path))
 
 
@@ -101,23 +84,30 @@ def schema_metadata(schema: pa.Schema) -> dict[str, str]:
     return {k.decode()[len(META_PREFIX):]: v.decode() for k, v in raw.items() if k.startswith(META_PREFIX.encode())}
 
 
-def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file. ParquetFile, not pq.read_table: the latter goes through pyarrow.dataset,
-    which costs ~0.3 s to import on first use and ~5x longer per small file (bench/end_to_end.py)."""
-    with pq.ParquetFile(path) as f:
+def read_parquet(path: Location | bytes, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file (or its bytes, read from a bucket). ParquetFile, not pq.read_table: the latter
+    goes through pyarrow.dataset, which costs ~0.3 s to import on first use and ~5x longer per small
+    file (bench/end_to_end.py)."""
+    if isinstance(path, bytes):
+        source = pa.BufferReader(path)
+    elif storage.is_remote(path):
+        source = pa.BufferReader(storage.read_bytes(path))
+    else:
+        source = path
+    with pq.ParquetFile(source) as f:
         return f.read(columns=columns)
 
 
-def shard_files(stage_dir: Path) -> list[Path]:
+def shard_files(stage_dir: Location) -> list[Location]:
     """The finished shard files present in a stage directory (temporary ones start with a dot)."""
-    return sorted(Path(stage_dir).glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"))
+    return [stage_dir / n for n in storage.names(stage_dir, "part-[0-9][0-9][0-9][0-9][0-9].parquet")]
 
 
-def _run_dir_of(stage_dir: Path) -> Path:
-    return Path(stage_dir).resolve().parent.parent  # RUN_DIR/round-NNNN/STAGE
+def _run_dir_of(stage_dir: Location) -> Location:
+    return stage_dir.parent.parent  # RUN_DIR/round-NNNN/STAGE
 
 
-def missing_manifest_message(stage_dir: Path) -> str:
+def missing_manifest_message(stage_dir: Location) -> str:
     n = len(shard_files(stage_dir))
     if n == 0:
         return f"{stage_dir} has no manifest.json: this stage has not run yet"
@@ -126,8 +116,8 @@ def missing_manifest_message(stage_dir: Path) -> str:
             f"rebuild the manifest, or delete {stage_dir} to redo the stage")
 
 
-def corrupt_manifest_message(path: Path, problem: str) -> str:
-    stage_dir = Path(path).parent
+def corrupt_manifest_message(path: Location, problem: str) -> str:
+    stage_dir = path.parent
     return (f"{path} is corrupted ({problem}); run `eopd-pipe status {_run_dir_of(stage_dir)} --repair` to "
             f"check each shard and rebuild it (the shards are kept), or delete {stage_dir} to redo the stage")
 
@@ -151,70 +141,96 @@ def manifest_problem(data: Any) -> str | None:
 class Manifest:
     """`STAGE_DIR/manifest.json`: the plan (number of shards) and each finished shard's record.
 
-    Several workers update it; every read-modify-write holds an OS file lock, which the OS
-    releases if the holder dies (kill -9 included).
+    Several workers update it, each update a `storage.update` (fcntl lock locally, compare-and-swap
+    on a bucket): no record is lost, and a shard recorded once keeps its first record (two workers
+    that both finished it wrote identical bytes).
     """
 
-    def __init__(self, stage_dir: Path) -> None:
-        self.stage_dir = Path(stage_dir)
-        self.path = self.stage_dir / "manifest.json"
-        self._lock = FileLock(str(self.stage_dir / ".locks" / "manifest.lock"))
+    def __init__(self, stage_dir: Location) -> None:
+        self.stage_dir = stage_dir
+        self.path = stage_dir / "manifest.json"
 
     def exists(self) -> bool:
-        return self.path.is_file()
+        return storage.is_file(self.path)
 
     def read(self) -> dict[str, Any]:
         try:
-            text = self.path.read_text()
+            text = storage.read_text(self.path)
         except FileNotFoundError:
             raise UserError(missing_manifest_message(self.stage_dir)) from None
+        return self._parse(text)
+
+    def _parse(self, text: str | bytes) -> dict[str, Any]:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(corrupt_manifest_message(self.path, f"not valid JSON: {e}")) from None
         problem = manifest_problem(data)
         if problem:
             raise UserError(corrupt_manifest_message(self.path, problem))
         return data
 
-    def _write(self, data: dict[str, Any]) -> None:
-        atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
+    @staticmethod
+    def _dump(data: dict[str, Any]) -> bytes:
+        return json.dumps(data, indent=1, sort_keys=True).encode()
+
+    def _update(self, change: Callable[[dict[str, Any]], bool]) -> None:
+        """Apply `change(data)` (True: it changed something) to the manifest as it is now."""
+        def apply(old: bytes | None) -> bytes | None:
+            if old is None:
+                raise UserError(missing_manifest_message(self.stage_dir))
+            data = self._parse(old)
+            return self._dump(data) if change(data) else None
+        storage.update(self.path, apply)
 
     def init(self, num_shards: int, plan: dict[str, Any]) -> None:
         """Create the manifest, or check that an existing one was made for the same plan."""
-        (self.stage_dir / ".locks").mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            if not self.exists() and shard_files(self.stage_dir):
-                raise UserError(missing_manifest_message(self.stage_dir))  # a fresh manifest would hide them
-            if self.exists():
-                data = self.read()
-                if data["num_shards"] != num_shards or data["plan"] != plan:
-                    raise UserError(
-                        f"{self.path} was planned as {data['num_shards']} shards for {data['plan']}, "
-                        f"this call plans {num_shards} shards for {plan}; delete {self.stage_dir} to redo the stage"
-                    )
-                return
-            self._write({"num_shards": num_shards, "plan": plan, "shards": {}, "complete": num_shards == 0})
+        def apply(old: bytes | None) -> bytes | None:
+            if old is None:
+                if shard_files(self.stage_dir):
+                    raise UserError(missing_manifest_message(self.stage_dir))  # a fresh manifest would hide them
+                return self._dump({"num_shards": num_shards, "plan": plan, "shards": {}, "complete": num_shards == 0})
+            return self._check_plan(self._parse(old), num_shards, plan)
+        storage.update(self.path, apply)
+
+    def _check_plan(self, data: dict[str, Any], num_shards: int, plan: dict[str, Any]) -> bytes | None:
+        if data["num_shards"] != num_shards or data["plan"] != plan:
+            raise UserError(
+                f"{self.path} was planned as {data['num_shards']} shards for {data['plan']}, "
+                f"this call plans {num_shards} shards for {plan}; delete {self.stage_dir} to redo the stage"
+            )
+        return None
+
+    def replace(self, data: dict[str, Any]) -> None:
+        """Write a whole manifest (`status --repair`, which rebuilt it from checked shards)."""
+        assert manifest_problem(data) is None
+        storage.update(self.path, lambda old: self._dump(data))
 
     def record(self, i: int, info: ShardInfo) -> None:
-        with self._lock:
-            data = self.read()
+        def change(data: dict[str, Any]) -> bool:
+            if shard_name(i) in data["shards"]:
+                return False  # recorded by another worker that finished it too: one record
             data["shards"][shard_name(i)] = info.to_json()
             data["complete"] = len(data["shards"]) == data["num_shards"]
-            self._write(data)
+            return True
+        self._update(change)
 
     def forget(self, i: int) -> None:
         """Drop a shard whose file was deleted (e.g. after a checksum error), so it is redone."""
-        with self._lock:
-            data = self.read()
-            if data["shards"].pop(shard_name(i), None) is not None:
-                data["complete"] = False
-                self._write(data)
+        def change(data: dict[str, Any]) -> bool:
+            if data["shards"].pop(shard_name(i), None) is None:
+                return False
+            data["complete"] = False
+            return True
+        self._update(change)
 
     def done(self) -> set[int]:
-        if not self.exists():
-            return set()
-        return {int(name[5:10]) for name in self.read()["shards"]}
+        try:
+            return {int(name[5:10]) for name in self.read()["shards"]}
+        except UserError:
+            if not self.exists():
+                return set()
+            raise
 
     def is_complete(self) -> bool:
         return self.exists() and bool(self.read().get("complete"))
@@ -225,36 +241,31 @@ class GrowingManifest(Manifest):
     shard by shard while the stage follows its upstream (`pipeline.work.Follow`). Any other key, and an upstream
     shard named by both the old and the new plan, must agree as in `Manifest.init`."""
 
-    def __init__(self, stage_dir: Path, growing: str) -> None:
+    def __init__(self, stage_dir: Location, growing: str) -> None:
         super().__init__(stage_dir)
         self.growing = growing
 
-    def init(self, num_shards: int, plan: dict[str, Any]) -> None:
-        (self.stage_dir / ".locks").mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            if not self.exists():
-                return super().init(num_shards, plan)
-            data = self.read()
-            old, new = data["plan"], plan[self.growing]
-            seen = old.get(self.growing) if isinstance(old.get(self.growing), dict) else {}
-            same_rest = {**old, self.growing: None} == {**plan, self.growing: None}
-            if data["num_shards"] != num_shards or not same_rest or any(new.get(n, d) != d for n, d in seen.items()):
-                return super().init(num_shards, plan)  # refuses, naming both plans
-            self._extend(data, new)
+    def _check_plan(self, data: dict[str, Any], num_shards: int, plan: dict[str, Any]) -> bytes | None:
+        old, new = data["plan"], plan[self.growing]
+        seen = old.get(self.growing) if isinstance(old.get(self.growing), dict) else {}
+        same_rest = {**old, self.growing: None} == {**plan, self.growing: None}
+        if data["num_shards"] != num_shards or not same_rest or any(new.get(n, d) != d for n, d in seen.items()):
+            return super()._check_plan(data, num_shards, plan)  # refuses, naming both plans
+        return self._dump(data) if self._extend(data, new) else None
 
     def extend(self, entries: dict[str, str]) -> None:
         """Add upstream shards to the plan (before the shards that read them are computed)."""
-        with self._lock:
-            self._extend(self.read(), entries)
+        self._update(lambda data: self._extend(data, entries))
 
-    def _extend(self, data: dict[str, Any], entries: dict[str, str]) -> None:
+    def _extend(self, data: dict[str, Any], entries: dict[str, str]) -> bool:
         merged = {**data["plan"][self.growing], **entries}
-        if merged != data["plan"][self.growing]:
-            data["plan"] = {**data["plan"], self.growing: merged}
-            self._write(data)
+        if merged == data["plan"][self.growing]:
+            return False
+        data["plan"] = {**data["plan"], self.growing: merged}
+        return True
 
 
-def require_complete(stage_dir: Path, what: str, fix: str) -> dict[str, Any]:
+def require_complete(stage_dir: Location, what: str, fix: str) -> dict[str, Any]:
     """The manifest of a finished stage, or a UserError saying what is missing and how to finish it."""
     manifest = Manifest(stage_dir)
     if not manifest.exists():
@@ -268,11 +279,12 @@ def require_complete(stage_dir: Path, what: str, fix: str) -> dict[str, Any]:
     return data
 
 
-def check_shard(path: Path, record: dict[str, Any]) -> None:
-    """The shard file must exist and match its manifest record's sha256 (UserError naming the file)."""
-    if not path.is_file():
+def check_shard(path: Location, record: dict[str, Any], data: bytes | None = None) -> None:
+    """The shard file must exist and match its manifest record's sha256 (UserError naming the file).
+    `data`: the shard's bytes where they were read already (from a bucket)."""
+    if data is None and not storage.is_file(path):
         raise UserError(f"shard {path} is listed in the manifest but missing; run the stage that wrote it again to redo it")
-    digest = sha256_file(path)
+    digest = sha256_file(path) if data is None else sha256_bytes(data)
     if digest != record["sha256"]:
         raise UserError(
             f"shard {path} is corrupted: sha256 {digest[:12]}… does not match the manifest's {record['sha256'][:12]}…; "
@@ -280,23 +292,35 @@ def check_shard(path: Path, record: dict[str, Any]) -> None:
         )
 
 
-def verify_stage(stage_dir: Path, data: dict[str, Any]) -> None:
+def verify_stage(stage_dir: Location, data: dict[str, Any]) -> None:
     """Check every shard's sha256 up front, so a corrupted input stops a stage before it writes anything."""
     for name, record in sorted(data["shards"].items()):
-        check_shard(Path(stage_dir) / name, record)
+        check_shard(stage_dir / name, record)
 
 
-def read_shard(stage_dir: Path, name: str, record: dict[str, Any], columns: list[str] | None = None) -> pa.Table:
-    """Read one shard after checking its sha256 against the manifest record."""
-    path = Path(stage_dir) / name
-    check_shard(path, record)
+def read_shard(stage_dir: Location, name: str, record: dict[str, Any], columns: list[str] | None = None) -> pa.Table:
+    """Read one shard after checking its sha256 against the manifest record (from a bucket: one GET,
+    the bytes checked and parsed in memory)."""
+    path = stage_dir / name
+    if storage.is_remote(path):
+        try:
+            body = storage.read_bytes(path)
+        except FileNotFoundError:
+            body = None
+        if body is None:
+            check_shard(path, record)  # raises: missing
+        check_shard(path, record, body)
+        source: Any = body
+    else:
+        check_shard(path, record)
+        source = path
     try:
-        return read_parquet(path, columns)
+        return read_parquet(source, columns)
     except (pa.ArrowInvalid, OSError) as e:
         raise UserError(f"shard {path} cannot be read as Parquet: {e}") from None
 
 
-def iter_stage(stage_dir: Path, what: str, fix: str, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+def iter_stage(stage_dir: Location, what: str, fix: str, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
     """(name, table) of every shard of a complete stage, in shard order, checksums verified."""
     data = require_complete(stage_dir, what, fix)
     for name in sorted(data["shards"]):

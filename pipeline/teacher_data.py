@@ -46,7 +46,7 @@ def _flat(column: pa.ChunkedArray, dtype: torch.dtype) -> torch.Tensor:
 def shard_rows(stage_dir: Path, name: str, record: dict, expect_k: int | None) -> TeacherRows:
     """One teacher shard's rows, its checksum checked against `record`. Refuses a shard of another
     schema version, another k than `expect_k`, or an unknown codec version, naming the file and the fix."""
-    path = Path(stage_dir) / name
+    path = stage_dir / name
     table = read_shard(stage_dir, name, record)
     meta = schema_metadata(table.schema)
     if meta.get("schema_version") != SCHEMA_VERSION:
@@ -88,7 +88,7 @@ class RoundRows:
     appended as they are read, so streamed training adds each shard once."""
 
     def __init__(self, stage_dir: Path) -> None:
-        self.stage_dir, self.parts = Path(stage_dir), []
+        self.stage_dir, self.parts = stage_dir, []
         self.prompt_ids: list[np.ndarray] = []
         self.offsets = np.zeros(1, dtype=np.int64)  # the round's token offsets per row
         self._token_starts = np.zeros(1, dtype=np.int64)  # first round token of each part (+ the end)
@@ -160,7 +160,7 @@ class TeacherStream:
 
     def __init__(self, stage_dir: Path, rows_per_shard: list[int] | None, expect_k: int | None, fix: str,
                  follow=None) -> None:
-        self.stage_dir, self.expect_k, self.follow = Path(stage_dir), expect_k, follow
+        self.stage_dir, self.expect_k, self.follow = stage_dir, expect_k, follow
         self.manifest = None if follow is not None else require_complete(stage_dir, "teacher shards", fix)
         if rows_per_shard is None:
             if self.manifest is None:

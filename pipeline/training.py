@@ -133,15 +133,21 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    return sorted(p for p in Path(ckpt_dir).glob("step-[0-9]*") if (p / CHECKPOINT_DONE).is_file())
+def complete_checkpoints(ckpt_dir) -> list:
+    """The checkpoint directories of `ckpt_dir` (local or on a bucket) that hold their COMPLETE file."""
+    from pipeline import storage
+
+    return [ckpt_dir / n for n in storage.subdirs(ckpt_dir, "step-[0-9]*") if storage.is_file(ckpt_dir / n / CHECKPOINT_DONE)]
 
 
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+def prune_checkpoints(ckpt_dir, keep: int) -> None:
+    from pipeline import storage
+
     for old in complete_checkpoints(ckpt_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for partial in Path(ckpt_dir).glob(".incoming-*"):
-        shutil.rmtree(partial, ignore_errors=True)
+        storage.remove_tree(old)
+    if not storage.is_remote(ckpt_dir):
+        for partial in Path(ckpt_dir).glob(".incoming-*"):
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- engines

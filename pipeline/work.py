@@ -4,10 +4,11 @@ Resumability: a shard is done iff the manifest records it (and its file exists).
 stage redoes only the rest, and because every shard's randomness derives from (run seed, stage,
 round, shard/prompt), the redone rows equal those of an uninterrupted run.
 
-Workers: each shard is claimed with an OS file lock (fcntl), released by the OS when the holder
-exits or is killed, so any number of processes can run the same stage command at once and no
-shard is done twice. `--worker I/N` additionally restricts a process to shards i with i % N == I
-(a static split across machines that share the run directory).
+Workers: each shard is claimed through `pipeline.storage.claim` (an fcntl lock locally, released
+by the OS when the holder exits or is killed; on a bucket a lease object, renewed while held and
+taken over once expired), so any number of processes can run the same stage command at once and
+no live worker's shard is done twice; a killed worker's shard is redone by another. `--worker I/N`
+additionally restricts a process to shards i with i % N == I (a static split across machines).
 
 Writing: one writer thread encodes, compresses, writes and records shard i while the engine
 computes shard i + 1 (on a GPU the CPU work is then off the critical path; bench/end_to_end.py).
@@ -32,18 +33,17 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
-from filelock import FileLock, Timeout
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from pipeline import storage
 from pipeline.errors import UserError
-from pipeline.shards import GrowingManifest, Manifest, ShardInfo, remove_stale_tmp, sha256_file, shard_name, write_shard
+from pipeline.shards import GrowingManifest, Manifest, ShardInfo, remove_stale_tmp, shard_name, write_shard
 from pipeline.signals import PREEMPTION
-
-import pyarrow.parquet as pq
+from pipeline.storage import Claim, Location
 
 TEST_PAUSE_ENV = "EOPD_TEST_PAUSE"
 
@@ -100,7 +100,7 @@ class ShardResult:
 
 @dataclass
 class StageSummary:
-    stage_dir: Path
+    stage_dir: Location
     num_shards: int
     done_now: list[int] = field(default_factory=list)
     done_before: list[int] = field(default_factory=list)
@@ -139,7 +139,10 @@ class Follow:
     twice and a round of the toy takes about 2 s), and stops with the writer's error as soon as
     `check()` raises one (it fails, is stopped, or ends without finishing the stage)."""
 
-    def __init__(self, stage_dir: Path, check: Callable[[], None], poll_seconds: float = 0.01) -> None:
+    def __init__(self, stage_dir: Location, check: Callable[[], None], poll_seconds: float | None = None) -> None:
+        # A bucket answers in milliseconds too, but each poll is a billed GET: 4 a second there.
+        if poll_seconds is None:
+            poll_seconds = 0.25 if storage.is_remote(stage_dir) else 0.01
         self.manifest, self.check, self.poll_seconds = Manifest(stage_dir), check, poll_seconds
 
     def data(self) -> dict[str, Any]:
@@ -161,12 +164,12 @@ class Follow:
 @dataclass
 class _Claim:
     shard: int
-    lock: FileLock
+    lock: Claim
     adopt: bool  # the shard file is already in place (renamed, not recorded): record it, compute nothing
 
 
 def run_shards(
-    stage_dir: Path,
+    stage_dir: Location,
     num_shards: int,
     plan: dict[str, Any],
     open_worker: Callable[[], ShardFn | ShardWorker],
@@ -184,14 +187,14 @@ def run_shards(
     set (by another thread), the stage raises `Stopped` before its next shard.
     """
     wall0 = time.perf_counter()
-    stage_dir = Path(stage_dir)
     manifest = Manifest(stage_dir) if growing is None else GrowingManifest(stage_dir, growing)
     manifest.init(num_shards, plan)
     summary = StageSummary(stage_dir, num_shards)
 
     recorded = manifest.done()
+    present = set(storage.names(stage_dir, "part-*.parquet"))  # one listing, not a lookup per shard
     for i in sorted(recorded):
-        if not (stage_dir / shard_name(i)).is_file():  # deleted by the user, e.g. after a checksum error
+        if shard_name(i) not in present:  # deleted by the user, e.g. after a checksum error
             manifest.forget(i)
             recorded.discard(i)
     mine = [i for i in range(num_shards) if worker is None or worker.owns(i)]
@@ -211,11 +214,9 @@ def run_shards(
     def claim_next() -> _Claim | None:
         """Lock the next shard of `todo` that nobody else holds or has finished."""
         for i in todo:
-            # not thread-local: the writer thread releases it after recording the shard
-            lock = FileLock(str(stage_dir / ".locks" / f"{shard_name(i)}.lock"), thread_local=False)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
+            # released by the writer thread after it records the shard
+            lock = storage.claim(stage_dir / ".locks" / f"{shard_name(i)}.lock")
+            if lock is None:
                 summary.busy_elsewhere.append(i)
                 continue
             if i in manifest.done():  # finished by another worker since we listed the todo
@@ -223,8 +224,8 @@ def run_shards(
                 continue
             final = stage_dir / shard_name(i)
             remove_stale_tmp(final)  # left by a killed predecessor
-            # Renamed only when complete: a predecessor died between rename and record.
-            claim = _Claim(i, lock, adopt=final.is_file())
+            # Complete whenever it has its final name: a predecessor died between writing and recording it.
+            claim = _Claim(i, lock, adopt=storage.is_file(final))
             if not claim.adopt and load().start is not None:
                 engine.start(i)
             return claim
@@ -236,7 +237,8 @@ def run_shards(
         i, final = claim.shard, stage_dir / shard_name(claim.shard)
         try:
             if result is None:
-                info = ShardInfo(pq.read_metadata(final).num_rows, final.stat().st_size, sha256_file(final))
+                body = storage.read_bytes(final)
+                info = ShardInfo(pq.ParquetFile(pa.BufferReader(body)).metadata.num_rows, len(body), hashlib.sha256(body).hexdigest())
             else:
                 table = result.table() if callable(result.table) else result.table
                 info = write_shard(final, table, file_metadata, tokens=result.tokens,
@@ -244,8 +246,7 @@ def run_shards(
             test_pause("shard_record", i, stage_dir.name)
             manifest.record(i, info)
         except OSError as e:
-            raise UserError(f"could not write {final}: {e}; fix that (disk space, permissions) and run the same "
-                            f"command again: the shards recorded so far are kept") from None
+            raise storage.store_error(final, "write", e) from None
         finally:
             claim.lock.release()
 
@@ -309,10 +310,9 @@ def run_shards(
     return summary
 
 
-def record_timing(round_dir: Path, stage: str, wall: float, load: float, engine: float) -> None:
+def record_timing(round_dir: Location, stage: str, wall: float, load: float, engine: float) -> None:
     """One line per stage execution in ROUND/timings.jsonl: where a round's time went (model
     load, engine compute, the rest), for `bench/rounds.py` and anyone asking why a round is slow."""
     line = {"stage": stage, "end": time.time(), "wall_s": round(wall, 4), "load_s": round(load, 4),
             "engine_s": round(engine, 4), "pid": os.getpid()}
-    with open(Path(round_dir) / "timings.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
+    storage.append_text(round_dir / "timings.jsonl", json.dumps(line) + "\n")

@@ -60,20 +60,20 @@ def resolve_model(run: RunDir, cfg: Config, model: str) -> EvalModel:
     if model == "teacher":
         return EvalModel(model, check_model_dir(cfg.teacher.path, "teacher"), None)
     if model == "final":
-        trained = [r for r in run.rounds_present() if (run.student_dir(r) / "config.json").is_file()]
+        trained = [r for r in run.rounds_present() if run.student_done(r)]
         if not trained:
             raise UserError(f"--model final: no round of {run.root} has a trained student yet (round-NNNN/student/); "
                             f"run `eopd-pipe train {run.root}` (or `eopd-pipe run {run.root}`) first, or evaluate --model base")
-        return EvalModel(model, run.student_dir(trained[-1]), trained[-1])
+        return EvalModel(model, check_model_dir(run.student_dir(trained[-1]), "student"), trained[-1])
     m = _ROUND.fullmatch(model)
     if m is None:
         raise UserError(f"--model {model!r}: unknown model; use {MODEL_NAMES} (e.g. round-0)")
     r = int(m.group(1))
     path = run.student_dir(r)
-    if not (path / "config.json").is_file():
+    if not run.student_done(r):
         raise UserError(f"--model {model}: {path} does not exist (round {r} has not finished training); "
                         f"run `eopd-pipe train {run.root} --round {r}` first")
-    return EvalModel(model, path, r)
+    return EvalModel(model, check_model_dir(path, "student"), r)
 
 
 # ----------------------------------------------------------------------------- verification

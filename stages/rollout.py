@@ -12,6 +12,7 @@ Recipe:
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 import time
 
 import pyarrow as pa
@@ -113,13 +114,24 @@ def rollout_worker(llm, prompts: pa.Table, shards: list[list[int]], cfg: Config,
     return ShardWorker(finish=finish, start=start if cfg.rollout.overlap_shards else None)
 
 
+def policy_label(run: RunDir, source, policy: Path) -> str:
+    """The policy as shards name it: relative to the run dir when inside it (so shards do not depend
+    on where the run lives, local or on a bucket), else the model path as given."""
+    root = str(run.root).rstrip("/") + "/"
+    if run.remote:
+        return str(source)[len(root):] if str(source).startswith(root) else str(source)
+    resolved = policy.resolve()
+    return str(resolved.relative_to(run.root)) if resolved.is_relative_to(run.root) else str(policy)
+
+
 def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec | None = None,
                 allow_config_change: bool = False, sampler: Sampler | None = None,
                 stop: threading.Event | None = None) -> StageSummary:
     """`sampler`: an engine kept across rounds (the persistent `run`); it is given this round's
     policy in place. Without one, the stage starts its own engine. `stop`: set by another thread
     (the persistent `run`, which runs this stage in a thread), it ends the stage before its next shard."""
-    policy = check_model_dir(run.policy_for_round(cfg, round_index), "student")
+    source = run.policy_for_round(cfg, round_index)
+    policy = check_model_dir(source, "student")  # a local directory (a bucket's is cached locally)
     # The base student's tokenizer defines the prompt tokens for every round (later students are saved with it).
     tokenizer = load_tokenizer(check_model_dir(cfg.student.path, "student"))
     prompts, cached = tokenized_prompts(run.prompts_dir, cfg.prompts, tokenizer)
@@ -138,7 +150,7 @@ def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec |
         return rollout_worker(llm, prompts, shards, cfg, round_index)
 
     # Inside the run dir the policy is named relative to it: shards do not depend on where the run lives.
-    label = str(policy.resolve().relative_to(run.root)) if policy.resolve().is_relative_to(run.root) else str(policy)
+    label = policy_label(run, source, policy)
     plan = {"prompts": prompts.num_rows, "rows_per_shard": [len(s) for s in shards], "policy": label}
     meta = {"stage": STAGE, "round": str(round_index), "policy": label, "n": str(cfg.rollout.n)}
     return run_shards(run.stage_dir(round_index, STAGE), len(shards), plan, open_worker, meta, worker,

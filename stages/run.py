@@ -91,7 +91,7 @@ class Roles:
             from pipeline.work import derive_seed
 
             _warn_if_sharing_a_gpu(self.cfg)
-            self._sampler = Sampler(policy, self.cfg.rollout.vllm, seed=derive_seed(self.cfg.seed, "rollouts"),
+            self._sampler = Sampler(check_model_dir(policy, "student"), self.cfg.rollout.vllm, seed=derive_seed(self.cfg.seed, "rollouts"),
                                     in_process=False)
         return self._sampler
 

@@ -14,10 +14,11 @@ import json
 import os
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.health import health_warnings, round_health
 from pipeline.rundir import STAGES, RunDir
-from pipeline.shards import (SCHEMA_VERSION, Manifest, ShardInfo, manifest_problem, schema_metadata, sha256_file,
+from pipeline.shards import (SCHEMA_VERSION, Manifest, ShardInfo, schema_metadata, sha256_file,
                              shard_files, shard_name)
 
 CHECKPOINT_DONE = "COMPLETE"  # pipeline.training.CHECKPOINT_DONE (not imported: it pulls in torch)
@@ -321,13 +322,13 @@ def repair_stage(run: RunDir, r: int, stage: str, held: dict) -> list[str]:
         checked = check_shard_file(path, stage, r)
         if isinstance(checked, str):
             bad = path.with_name(path.name + ".bad")
-            os.replace(path, bad)
+            storage.move(path, bad)
             report.append(f"round {r} {stage}: {path.name}: {checked}; moved to {bad.name}, the stage will redo it")
             continue
         good[int(path.name[5:10])] = checked[0]
         metas.append(checked[1])
     if not good:
-        m.path.unlink(missing_ok=True)
+        storage.remove(m.path)
         return report + [f"round {r} {stage}: no usable shard; the manifest is removed and the stage starts afresh"]
     plan = _plan(run, r, stage, metas)
     if isinstance(plan, str):
@@ -346,10 +347,7 @@ def repair_stage(run: RunDir, r: int, stage: str, held: dict) -> list[str]:
                             f"delete {stage_dir} to redo the stage")
     data = {"num_shards": num_shards, "plan": plan, "complete": len(good) == num_shards,
             "shards": {shard_name(i): good[i].to_json() for i in sorted(good)}}
-    assert manifest_problem(data) is None
-    (stage_dir / ".locks").mkdir(exist_ok=True)
-    with m._lock:
-        m._write(data)
+    m.replace(data)
     state = "complete" if data["complete"] else f"{num_shards - len(good)} shard(s) still to do"
     return report + [f"round {r} {stage}: manifest.json rebuilt from {len(good)} checked shard(s) ({state})"]
 

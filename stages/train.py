@@ -16,6 +16,7 @@ Recipe (per optimiser step s of the round):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from eopd.losses import ObjectiveConfig, chunked_objective, entropy_gate
 from eopd.metrics import merge_stats, student_topk_ids, summarize_stats, topk_jaccard_distance
+from pipeline import storage
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import Preempted, UserError
 from pipeline.models import check_model_dir, length_sorted_batches, load_tokenizer, response_hidden_states
@@ -185,37 +187,70 @@ def load_student(path: Path, tc: TrainConfig, device: torch.device):
     return model.train(), dtype
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, rank: int, keep: int) -> None:
-    """Collective. Written under a hidden name, marked COMPLETE, then renamed: a kill at any point
-    leaves either the previous checkpoint or this one, never a half one that resume would pick."""
+def _checkpoint_scratch(final) -> Path:
+    """Where the ranks of one node write a checkpoint before it takes its final name: beside it
+    locally (the last step is a rename), in the local cache for a bucket (then uploaded). The same
+    path for every rank: DeepSpeed's ranks write their files into one directory."""
+    if not storage.is_remote(final):
+        return final.with_name(f".incoming-{final.name}")
+    key = hashlib.sha256(str(final).encode()).hexdigest()[:16]
+    return storage.cache_root() / "scratch" / f"checkpoint-{key}"
+
+
+def _save_failed(where, e: BaseException) -> UserError:
+    # torch.save on a full disk raises RuntimeError ("[enforce fail at inline_container.cc] unexpected pos ..."),
+    # not OSError: one message either way, naming the checkpoint and the fix.
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"could not write {where}: {first}; the disk may be full or not writable: free space (or fix "
+                     f"permissions) and run the same command again: training resumes from the last complete checkpoint")
+
+
+def save_checkpoint(engine, ckpt_dir, step: int, client: dict, rank: int, keep: int) -> None:
+    """Collective. Written under a hidden name (locally) or in the local cache (bucket), marked
+    COMPLETE, then renamed or uploaded with COMPLETE last: a kill at any point leaves either the
+    previous checkpoint or this one, never a half one that resume would pick."""
     final = ckpt_dir / checkpoint_name(step)
-    tmp = ckpt_dir / f".incoming-{checkpoint_name(step)}"
+    tmp = _checkpoint_scratch(final)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        storage.mkdir(ckpt_dir)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
     barrier()
-    engine.save(tmp, client)
-    save_rng_state(tmp / f"rng-rank{rank}.pt")
+    try:
+        engine.save(tmp, client)
+        save_rng_state(tmp / f"rng-rank{rank}.pt")
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failed(final, e) from None
     barrier()
     if rank == 0:
-        (tmp / CHECKPOINT_DONE).write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            (tmp / CHECKPOINT_DONE).write_text(json.dumps({"step": step}))
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _save_failed(final, e) from None
+        try:
+            storage.upload_tree(tmp, final, last=CHECKPOINT_DONE, doing="write the checkpoint")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         prune_checkpoints(ckpt_dir, keep)
     barrier()
 
 
-def write_student(model, tokenizer_dir: Path, out: Path) -> None:
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a predecessor killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+def write_student(model, tokenizer_dir: Path, out) -> None:
+    """round-R/student/: saved into a scratch directory, then renamed into place (local) or uploaded
+    with config.json last (bucket), so `config.json` exists only in a whole student."""
+    storage.remove_stale_tmp(out)  # a predecessor killed while saving
+    tmp = storage.scratch_dir(out, "student")
     try:
-        model.save_pretrained(tmp)
-        load_tokenizer(tokenizer_dir).save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
+        try:
+            model.save_pretrained(tmp)
+            load_tokenizer(tokenizer_dir).save_pretrained(tmp)
+        except (OSError, RuntimeError) as e:
+            raise _save_failed(out, e) from None
+        storage.upload_tree(tmp, out, last="config.json", doing="write the student")
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class Trainer:
@@ -328,7 +363,7 @@ class Trainer:
     def prepare_round(self, r: int) -> None:
         """Load the student if no engine is held (the persistent `run` calls this before it starts
         threads: two models loading at once in two threads break transformers' meta-device loading)."""
-        if self.engine is None and not (self.run.student_dir(r) / "config.json").is_file():
+        if self.engine is None and not self.run.student_done(r):
             # Round 0's RNG comes from the seed; a later round's from the checkpoint it continues.
             seed_everything(derive_seed(self.cfg.seed, "train-init", r, self.rank), self.tc.deterministic)
             self._build_engine(self.run.policy_for_round(self.cfg, r))
@@ -340,7 +375,8 @@ class Trainer:
         self.engine = (DeepSpeedEngine(model, self.tc, lr_lambda, bf16=dtype == torch.bfloat16) if self.tc.deepspeed
                        else TorchEngine(model, self.tc, lr_lambda))
 
-    def _load(self, ckpt: Path) -> dict:
+    def _load(self, ckpt) -> dict:
+        ckpt = storage.local_tree(ckpt, "checkpoint")  # a bucket's checkpoint: its verified local copy
         client = self.engine.load(ckpt)
         rng_file = ckpt / f"rng-rank{self.rank}.pt"
         if rng_file.is_file():
@@ -355,7 +391,7 @@ class Trainer:
         ckpt_dir, metrics_path = train_dir / "checkpoints", train_dir / "metrics.jsonl"
         if rank == 0:
             _hold_train_lock(train_dir)
-            keep = [l for l in (metrics_path.read_text().splitlines() if metrics_path.is_file() else [])
+            keep = [l for l in (storage.read_text(metrics_path).splitlines() if storage.is_file(metrics_path) else [])
                     if json.loads(l)["step"] <= start]
             atomic_write_text(metrics_path, "".join(l + "\n" for l in keep))  # steps after the checkpoint are redone
             tqdm.write(f"train round {r}: {sum(source.rows_per_shard)} responses, {len(steps)} steps, objective {tc.objective}; "
@@ -395,8 +431,7 @@ class Trainer:
                            "grad_norm": grad_norm, **summarize_stats(stats), "top10_change": change,
                            "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / elapsed}
                 if rank == 0:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
+                    storage.append_text(metrics_path, json.dumps(metrics) + "\n")
                     if tb is not None:
                         for k, v in metrics.items():
                             tb.add_scalar(f"train/{k}", v, offset + s + 1)
@@ -451,12 +486,16 @@ class Trainer:
 
 def run_train(run: RunDir, cfg: Config, round_index: int, allow_config_change: bool = False) -> TrainSummary:
     """`eopd-pipe train`: one round, continuing the optimisation of the rounds before it."""
-    if (run.student_dir(round_index) / "config.json").is_file():
+    if run.student_done(round_index):
         return TrainSummary(run.student_dir(round_index), 0, 0, 0, None)
     return Trainer(run, cfg, allow_config_change).train_round(round_index)
 
 
-def _tensorboard(train_dir: Path):
+def _tensorboard(train_dir):
+    if storage.is_remote(train_dir):
+        tqdm.write(f"train.tensorboard: TensorBoard writes event files in place, which a bucket ({train_dir}) does not "
+                   f"take; logging to metrics.jsonl only")
+        return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -468,15 +507,17 @@ def _tensorboard(train_dir: Path):
 _TRAIN_LOCK = None
 
 
-def _hold_train_lock(train_dir: Path) -> None:
-    """One training per round at a time (OS lock, released if this process dies)."""
-    from filelock import FileLock, Timeout
-
+def _hold_train_lock(train_dir) -> None:
+    """One training per round at a time (a claim: an OS lock released if this process dies, or a
+    bucket lease that expires when its holder stops renewing it)."""
     global _TRAIN_LOCK
-    train_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(train_dir / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise UserError(f"another process is training {train_dir} (it holds {train_dir / '.lock'}); wait for it or stop it") from None
+    if _TRAIN_LOCK is not None and _TRAIN_LOCK.path == train_dir / ".lock":
+        return
+    lock = storage.claim(train_dir / ".lock")
+    if lock is None:
+        raise UserError(f"another process is training {train_dir} (it holds {train_dir / '.lock'}); wait for it or stop it"
+                        + (f" (a lease of a killed process expires after {storage.lease_seconds():.0f} s)"
+                           if storage.is_remote(train_dir) else ""))
+    if _TRAIN_LOCK is not None:
+        _TRAIN_LOCK.release()
     _TRAIN_LOCK = lock

@@ -1,0 +1,731 @@
+"""The run directory's one storage layer: every read, write, listing, claim and completion record.
+
+A location is a `pathlib.Path` (a local or shared POSIX directory) or a `upath.UPath` over fsspec
+(`s3://bucket/prefix`; S3-compatible stores through the standard `AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION` variables or AWS config files).
+The rest of the code composes locations with `/` and calls the functions below, never `open`,
+`os.replace` or a lock of its own, so one code path serves both.
+
+What each operation guarantees, on both kinds:
+- `write_bytes` / `write_file`: a final name is always a complete object. Locally: a hidden
+  temporary file, fsync, rename. On a bucket: one PUT (S3 has no rename, and a PUT is atomic).
+- `create`: exclusive create; exactly one of several racing callers gets True. Locally: link(2) of a
+  complete temporary file; on a bucket: `If-None-Match: *` (the object must be non-empty: s3fs
+  drops the header for an empty body).
+- `update`: read-modify-write that cannot lose an update. Locally: under an fcntl lock (released by
+  the OS when its holder dies, kill -9 included); on a bucket: compare-and-swap on the ETag
+  (`If-Match`), retried.
+- `claim`: at most one live holder. Locally: an fcntl lock. On a bucket (no locks: bucket mounts
+  such as mountpoint-s3 or goofys lock only node-locally, if at all) a lease object made by `create`,
+  renewed by a thread while held, and taken over by compare-and-swap once older than its expiry.
+- `upload_tree` / `local_tree`: model and checkpoint directories. Saved locally, then moved (local)
+  or uploaded with their completion file last (bucket); read from a verified local cache.
+
+Every failure of the store (a full disk, a refused connection, a missing bucket, bad credentials)
+becomes one `UserError` naming the path or URL and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Union
+
+from pipeline.errors import UserError
+
+Location = Union[Path, "UPath"]  # noqa: F821 (upath is imported only for bucket URLs)
+
+REMOTE_SCHEMES = ("s3",)
+LEASE_ENV = "EOPD_LEASE_SECONDS"  # how long a bucket lease lives without renewal (default 60 s)
+CACHE_ENV = "EOPD_CACHE_DIR"  # local cache of models and checkpoints read from a bucket
+_LEASE_DEFAULT = 60.0
+
+
+# ----------------------------------------------------------------------------- locations
+
+
+def location(text: str | os.PathLike) -> Location:
+    """A local path or a supported bucket URL; any other URL scheme is refused, never taken for a
+    local path (`Path("s3://b/x")` would silently be the local folder `s3:/b/x`)."""
+    if is_remote(text):
+        return text  # type: ignore[return-value]
+    if isinstance(text, Path):
+        return text.expanduser().resolve()
+    s = os.fspath(text)
+    if "://" not in s:
+        return Path(s).expanduser().resolve()
+    scheme = s.split("://", 1)[0].lower()
+    if scheme == "file":
+        return Path(s[len("file://"):]).resolve()
+    if scheme in ("gs", "gcs"):
+        raise UserError(f"{s}: gs:// run directories are not supported yet (their conditional writes are not tested here); "
+                        f"use GCS's S3-compatible endpoint as s3://BUCKET/PREFIX with AWS_ENDPOINT_URL=https://storage.googleapis.com "
+                        f"and HMAC keys, or a local path")
+    if scheme not in REMOTE_SCHEMES:
+        raise UserError(f"{s}: URL scheme {scheme}:// is not supported; a run directory or model path is a local path or "
+                        f"s3://BUCKET/PREFIX")
+    bucket = s.split("://", 1)[1].split("/", 1)[0]
+    if not bucket:
+        raise UserError(f"{s}: no bucket in the URL; write s3://BUCKET/PREFIX")
+    try:
+        from upath import UPath
+        import s3fs  # noqa: F401
+    except ImportError:
+        raise UserError(f"{s}: bucket URLs need s3fs and universal_pathlib (pip install 's3fs>=2026.9' universal_pathlib, "
+                        f"or reinstall eopd-pipe: they are dependencies)") from None
+    # No listing cache: several workers change the bucket, and every "done?" must see the store as it is now.
+    return UPath(s.rstrip("/"), use_listings_cache=False, skip_instance_cache=False,
+                 config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}})
+
+
+def is_remote(p: Any) -> bool:
+    return not isinstance(p, (str, Path)) and getattr(p, "protocol", "") in REMOTE_SCHEMES
+
+
+def looks_like_url(text: str) -> bool:
+    return "://" in text
+
+
+def _fs(p: Location):
+    return p.fs, p.path
+
+
+def describe(p: Location) -> str:
+    return str(p)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+_FIXES = {
+    "NoSuchBucket": "create the bucket or fix its name in the URL",
+    "InvalidAccessKeyId": "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an AWS profile) to valid credentials",
+    "SignatureDoesNotMatch": "AWS_SECRET_ACCESS_KEY does not match the access key; fix the credentials",
+    "AccessDenied": "the credentials may not access this bucket; fix the credentials or the bucket policy",
+    "Forbidden": "the credentials may not access this bucket; fix the credentials or the bucket policy",
+    "403": "the credentials were refused; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an AWS profile) to valid ones",
+}
+
+
+def _client_code(e: BaseException) -> str | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            code = resp.get("Error", {}).get("Code")
+            if code:
+                return str(code)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    if isinstance(e, FileExistsError):
+        return True
+    code = _client_code(e)
+    if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+        return True
+    return "pre-conditions you specified did not hold" in str(e)
+
+
+def store_error(p: Location, doing: str, e: BaseException) -> UserError:
+    """One message for a failed operation on the store: what, where, and the fix."""
+    if isinstance(e, UserError):
+        return e
+    where = describe(p)
+    if not is_remote(p):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return UserError(f"could not {doing} {where}: no space left on the device (or the quota is full); free space "
+                             f"and run the same command again: what was complete is kept")
+        return UserError(f"could not {doing} {where}: {e}; fix that (disk space, permissions) and run the same command "
+                         f"again: what was complete is kept")
+    code = _client_code(e)
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+    if code in _FIXES:
+        fix = _FIXES[code]
+    elif type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        fix = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+    elif any(s in f"{type(e).__name__} {text}" for s in ("EndpointConnectionError", "Could not connect", "Connect",
+                                                         "Connection refused", "timed out", "Timeout")):
+        fix = (f"the object store{f' at {endpoint}' if endpoint else ''} does not answer; check AWS_ENDPOINT_URL and that "
+               f"the server is up, then run the same command again: what was recorded is kept")
+    else:
+        fix = "fix that and run the same command again: what was recorded is kept"
+    return UserError(f"could not {doing} {where}: {text}; {fix}")
+
+
+@contextlib.contextmanager
+def errors(p: Location, doing: str) -> Iterator[None]:
+    """Turn any store failure inside into one UserError about `p`."""
+    try:
+        yield
+    except (UserError, FileNotFoundError, FileExistsError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # botocore/aiohttp errors do not share a base class with OSError
+        raise store_error(p, doing, e) from None
+
+
+def check_reachable(root: Location) -> None:
+    """Fail fast, naming the URL, when a bucket is missing or the credentials or endpoint are wrong."""
+    if not is_remote(root):
+        return
+    fs, path = _fs(root)
+    bucket = path.split("/", 1)[0]
+    try:
+        # a listing, not HeadBucket: its error says which (NoSuchBucket, InvalidAccessKeyId, ...)
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=path[len(bucket) + 1:], MaxKeys=1)
+    except FileNotFoundError:
+        raise UserError(f"{root}: bucket {bucket!r} does not exist; create it (e.g. `aws s3 mb s3://{bucket}`) or fix the URL") from None
+    except Exception as e:
+        if _client_code(e) == "NoSuchBucket":
+            raise UserError(f"{root}: bucket {bucket!r} does not exist; create it (e.g. `aws s3 mb s3://{bucket}`) or fix the URL") from None
+        raise store_error(root, "reach", e) from None
+
+
+# ----------------------------------------------------------------------------- reads
+
+
+def exists(p: Location) -> bool:
+    if not is_remote(p):
+        return p.exists()
+    fs, path = _fs(p)
+    with errors(p, "look up"):
+        return fs.exists(path)
+
+
+def is_file(p: Location) -> bool:
+    if not is_remote(p):
+        return p.is_file()
+    fs, path = _fs(p)
+    with errors(p, "look up"):
+        return fs.isfile(path)
+
+
+def is_dir(p: Location) -> bool:
+    if not is_remote(p):
+        return p.is_dir()
+    fs, path = _fs(p)
+    with errors(p, "look up"):
+        return fs.isdir(path)
+
+
+def read_bytes(p: Location) -> bytes:
+    """The whole object; FileNotFoundError when it is not there."""
+    if not is_remote(p):
+        return p.read_bytes()
+    fs, path = _fs(p)
+    with errors(p, "read"):
+        return fs.cat_file(path)
+
+
+def read_text(p: Location) -> str:
+    return read_bytes(p).decode()
+
+
+def size(p: Location) -> int:
+    if not is_remote(p):
+        return p.stat().st_size
+    fs, path = _fs(p)
+    with errors(p, "look up"):
+        return int(fs.info(path)["size"])
+
+
+def names(d: Location, pattern: str = "*") -> list[str]:
+    """Sorted names of the entries of directory/prefix `d` that match `pattern` (fnmatch)."""
+    import fnmatch
+
+    if not is_remote(d):
+        return sorted(p.name for p in d.glob(pattern)) if d.is_dir() else []
+    fs, path = _fs(d)
+    with errors(d, "list"):
+        try:
+            found = fs.ls(path, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+    return sorted(n for n in (f.rstrip("/").rsplit("/", 1)[-1] for f in found) if fnmatch.fnmatch(n, pattern))
+
+
+def sha256_of(p: Location) -> str:
+    if not is_remote(p):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        return h.hexdigest()
+    return hashlib.sha256(read_bytes(p)).hexdigest()
+
+
+# ----------------------------------------------------------------------------- writes
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_name(final: Path) -> Path:
+    # Leading dot: globs like "*.parquet" (datasets, pandas) never pick up a half-written file.
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident() % 100000}")
+
+
+def remove_stale_tmp(final: Location) -> None:
+    """Temporary files a killed writer left beside `final` (local only: a bucket has none)."""
+    if not is_remote(final):
+        for p in final.parent.glob(f".{final.name}.tmp-*"):
+            with contextlib.suppress(OSError):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+
+
+def write_file(final: Location, fill: Callable[[Path], None], before_commit: Callable[[], None] | None = None,
+               doing: str = "write") -> Path | None:
+    """`fill(path)` writes a local file; it then becomes `final`, complete or not at all.
+
+    Locally the file is written beside `final` and renamed; for a bucket it is written to a local
+    temporary file and uploaded in one PUT. Returns the local file written (locally: `final`)."""
+    if not is_remote(final):
+        tmp = tmp_name(final)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fill(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            if before_commit is not None:
+                before_commit()
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise store_error(final, doing, e) from None
+            raise
+        return final
+    with tempfile.TemporaryDirectory(prefix="eopd-put-") as d:
+        tmp = Path(d) / final.name
+        fill(tmp)
+        if before_commit is not None:
+            before_commit()
+        _put(final, tmp.read_bytes(), doing)
+    return None
+
+
+def write_bytes(final: Location, data: bytes, doing: str = "write") -> None:
+    """`final` holds `data`, complete, or is unchanged."""
+    if is_remote(final):
+        _put(final, data, doing)
+        return
+    write_file(final, lambda tmp: tmp.write_bytes(data), doing=doing)
+
+
+def write_text(final: Location, text: str, doing: str = "write") -> None:
+    write_bytes(final, text.encode(), doing)
+
+
+def _put(final: Location, data: bytes, doing: str, **conditions: Any) -> None:
+    fs, path = _fs(final)
+    with errors(final, doing):
+        fs.pipe_file(path, data, **conditions)
+
+
+def create(p: Location, data: bytes) -> bool:
+    """Create `p` holding `data` unless it exists; True for the one caller that created it."""
+    if not data:
+        raise ValueError("create() needs a non-empty body: s3fs sends no If-None-Match for an empty one")
+    if is_remote(p):
+        fs, path = _fs(p)
+        try:
+            with errors(p, "create"):
+                fs.pipe_file(path, data, mode="create")
+            return True
+        except Exception as e:
+            if _precondition_failed(e):
+                return False
+            raise
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(p)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, p)  # atomic, fails if `p` exists: readers never see a partial file
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise store_error(p, "create", e) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _etag_and_body(p: Location) -> tuple[str | None, bytes | None]:
+    fs, path = _fs(p)
+    try:
+        etag = fs.info(path, refresh=True)["ETag"]
+    except FileNotFoundError:
+        return None, None
+    try:
+        return etag, fs.cat_file(path)
+    except FileNotFoundError:
+        return None, None
+
+
+def update(p: Location, change: Callable[[bytes | None], bytes | None], lock_dir: Location | None = None) -> bytes | None:
+    """Read-modify-write of one small object that no concurrent update can lose.
+
+    `change(old)` gets the current bytes (None: no object) and returns the new bytes, or None to
+    leave it as it is; it may run more than once (on a bucket, after losing a race). Returns what
+    the object holds afterwards."""
+    if not is_remote(p):
+        from filelock import FileLock
+
+        lock_dir = lock_dir if lock_dir is not None else p.parent / ".locks"
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(lock_dir / f"{p.name}.lock")):
+                old = p.read_bytes() if p.exists() else None
+                new = change(old)
+                if new is None:
+                    return old
+                write_bytes(p, new)
+                return new
+        except OSError as e:
+            raise store_error(p, "update", e) from None
+    fs, path = _fs(p)
+    delay = 0.02
+    for _ in range(200):
+        with errors(p, "read"):
+            etag, old = _etag_and_body(p)
+        new = change(old)
+        if new is None:
+            return old
+        try:
+            with errors(p, "update"):
+                if etag is None:
+                    fs.pipe_file(path, new, mode="create")
+                else:
+                    fs.pipe_file(path, new, IfMatch=etag)
+            return new
+        except Exception as e:
+            if not _precondition_failed(e):
+                raise
+        time.sleep(delay * (0.5 + random.random()))  # another writer won: read again
+        delay = min(delay * 2, 1.0)
+    raise UserError(f"could not update {p}: 200 compare-and-swap attempts lost to other writers; run the same command again")
+
+
+def append_text(p: Location, text: str) -> None:
+    """Append to a small log file (metrics.jsonl, timings.jsonl). On a bucket: a whole-object
+    compare-and-swap (S3 has no append), so concurrent appenders lose no line."""
+    if not is_remote(p):
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(p, "a") as f:
+                f.write(text)
+        except OSError as e:
+            raise store_error(p, "append to", e) from None
+        return
+    update(p, lambda old: (old or b"") + text.encode())
+
+
+def remove(p: Location) -> None:
+    """Delete a file or object if it is there."""
+    if not is_remote(p):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError as e:
+            raise store_error(p, "delete", e) from None
+        return
+    fs, path = _fs(p)
+    with errors(p, "delete"), contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
+
+
+def remove_tree(p: Location) -> None:
+    if not is_remote(p):
+        shutil.rmtree(p, ignore_errors=True)
+        return
+    fs, path = _fs(p)
+    with errors(p, "delete"), contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
+
+
+def move(src: Location, dst: Location) -> None:
+    """Rename locally; on a bucket copy then delete (S3 has no rename)."""
+    if not is_remote(src):
+        try:
+            os.replace(src, dst)
+        except OSError as e:
+            raise store_error(src, "move", e) from None
+        return
+    fs, path = _fs(src)
+    with errors(src, "move"):
+        fs.copy(path, _fs(dst)[1])
+        fs.rm_file(path)
+
+
+def mkdir(p: Location) -> None:
+    """A directory locally; nothing on a bucket (prefixes exist through their objects)."""
+    if not is_remote(p):
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise store_error(p, "create the directory", e) from None
+
+
+# ----------------------------------------------------------------------------- directories (models, checkpoints)
+
+
+def upload_tree(local: Path, dest: Location, last: str, doing: str = "write") -> None:
+    """Make directory `dest` hold the files of `local`, with `last` (a completion file: config.json,
+    COMPLETE) written after all others, so `dest/last` exists only once `dest` is whole. Locally
+    `local` must be a sibling of `dest` (same filesystem): it is renamed into place."""
+    if not is_remote(dest):
+        try:
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(local, dest)
+            _fsync_dir(dest.parent)
+        except OSError as e:
+            raise store_error(dest, doing, e) from None
+        return
+    fs, path = _fs(dest)
+    files = sorted(f for f in local.rglob("*") if f.is_file())
+    with errors(dest, doing):
+        if fs.exists(f"{path}/{last}"):  # an older complete copy: it stops being complete first
+            fs.rm_file(f"{path}/{last}")
+        for f in sorted(files, key=lambda f: f.relative_to(local).as_posix() == last):
+            fs.put_file(str(f), f"{path}/{f.relative_to(local).as_posix()}")
+
+
+def scratch_dir(dest: Location, label: str) -> Path:
+    """Where to build a directory that becomes `dest` through `upload_tree`: beside it locally (so
+    the final step is a rename), in the local cache for a bucket."""
+    if not is_remote(dest):
+        d = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.rmtree(d, ignore_errors=True)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        return d
+    d = cache_root() / "scratch" / f"{label}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def cache_root() -> Path:
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "eopd-pipe")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def local_tree(src: Location, what: str = "directory") -> Path:
+    """A local copy of directory `src`: `src` itself when local; for a bucket a cached download,
+    keyed by the URL and the objects' ETags and sizes, verified file by file (size, and MD5 where the
+    ETag is one) and made visible by rename once whole. A second call with the same content is free."""
+    if not is_remote(src):
+        return src
+    fs, path = _fs(src)
+    with errors(src, f"read the {what}"):
+        listing = fs.find(path, detail=True)
+    if not listing:
+        raise UserError(f"{what} {src} does not exist (no objects under that prefix); check the URL")
+    entries = sorted((k[len(path) + 1:], int(v["size"]), str(v.get("ETag", "")).strip('"')) for k, v in listing.items())
+    digest = hashlib.sha256(json.dumps([str(src), entries]).encode()).hexdigest()[:20]
+    out = cache_root() / "objects" / digest
+    if (out / ".eopd-complete").is_file():
+        return out
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    try:
+        tmp.mkdir(parents=True)
+        with errors(src, f"download the {what}"):
+            for rel, nbytes, etag in entries:
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{path}/{rel}", str(target))
+                if target.stat().st_size != nbytes or (
+                        len(etag) == 32 and "-" not in etag and hashlib.md5(target.read_bytes()).hexdigest() != etag):
+                    raise UserError(f"{src}/{rel}: the download does not match the object (size or MD5); run again")
+        (tmp / ".eopd-complete").write_text("ok")
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished the same download first
+            if not (out / ".eopd-complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def subdirs(d: Location, pattern: str = "*") -> list[str]:
+    """Names of the sub-directories (prefixes) of `d` matching `pattern`."""
+    import fnmatch
+
+    if not is_remote(d):
+        return sorted(p.name for p in d.glob(pattern) if p.is_dir()) if d.is_dir() else []
+    fs, path = _fs(d)
+    with errors(d, "list"):
+        try:
+            found = fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+    return sorted(n for n in (f["name"].rstrip("/").rsplit("/", 1)[-1] for f in found if f["type"] == "directory")
+                  if fnmatch.fnmatch(n, pattern))
+
+
+# ----------------------------------------------------------------------------- claims
+
+
+def worker_identity() -> dict[str, Any]:
+    """Who holds a claim: host and process, and the scheduler's ids where one launched it."""
+    ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    for key, env in (("slurm_job", "SLURM_JOB_ID"), ("slurm_array_job", "SLURM_ARRAY_JOB_ID"),
+                     ("slurm_array_task", "SLURM_ARRAY_TASK_ID"), ("ray_node", "EOPD_RAY_NODE_ID")):
+        if os.environ.get(env):
+            ident[key] = os.environ[env]
+    return ident
+
+
+def lease_seconds() -> float:
+    try:
+        return float(os.environ.get(LEASE_ENV, _LEASE_DEFAULT))
+    except ValueError:
+        raise UserError(f"{LEASE_ENV}={os.environ[LEASE_ENV]!r} is not a number of seconds") from None
+
+
+class Claim:
+    """A held claim on one unit of work (a shard, a round's training). `release()` frees it;
+    `lost` tells whether a bucket lease was taken over while held (after missing its renewals)."""
+
+    def __init__(self, p: Location) -> None:
+        self.path = p
+        self.lost = False
+
+    def release(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class _LockClaim(Claim):
+    def __init__(self, p: Path, lock) -> None:
+        super().__init__(p)
+        self._lock = lock
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+class _Lease(Claim):
+    """A lease object on a bucket: `{"owner", "worker", "renewed", "expires_s"}`, renewed every
+    third of its life by a daemon thread with If-Match on its own ETag."""
+
+    def __init__(self, p: Location, owner: str, etag: str, ttl: float) -> None:
+        super().__init__(p)
+        self.owner, self._etag, self.ttl = owner, etag, ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="eopd-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        fs, path = _fs(self.path)
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self._etag = _put_etag(fs, path, _lease_body(self.owner, self.ttl), IfMatch=self._etag)
+            except Exception as e:
+                if _precondition_failed(e) or isinstance(e, FileNotFoundError):
+                    self.lost = True  # taken over: the other worker redoes the shard; records stay single
+                    return
+                # the store is unreachable for now: keep trying; the work's own writes will report it
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.lost:
+            return
+        fs, path = _fs(self.path)
+        with contextlib.suppress(Exception):
+            if fs.info(path, refresh=True)["ETag"] == self._etag:
+                fs.rm_file(path)
+
+
+def _put_etag(fs, path: str, data: bytes, **conditions: Any) -> str:
+    """One PUT (with its conditions); the new object's ETag."""
+    out = fs.pipe_file(path, data, **conditions)
+    return out["ETag"] if isinstance(out, dict) and "ETag" in out else fs.info(path, refresh=True)["ETag"]
+
+
+def _lease_body(owner: str, ttl: float) -> bytes:
+    return json.dumps({"owner": owner, "worker": worker_identity(), "renewed": time.time(), "expires_s": ttl}).encode()
+
+
+def claim(p: Location) -> Claim | None:
+    """Claim `p` for this process, without waiting; None when another live worker holds it."""
+    if not is_remote(p):
+        from filelock import FileLock, Timeout
+
+        p.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(p), thread_local=False)  # released by another thread (the shard writer)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return None
+        return _LockClaim(p, lock)
+    ttl = lease_seconds()
+    owner = uuid.uuid4().hex
+    fs, path = _fs(p)
+    for _ in range(3):  # the holder may release between our create and our read: try again
+        try:
+            with errors(p, "create the lease"):
+                return _Lease(p, owner, _put_etag(fs, path, _lease_body(owner, ttl), mode="create"), ttl)
+        except Exception as e:
+            if not _precondition_failed(e):
+                raise
+        with errors(p, "read the lease"):
+            etag, body = _etag_and_body(p)
+        if etag is not None:
+            break
+    else:
+        return None
+    try:
+        held = json.loads(body)
+        expired = time.time() - float(held["renewed"]) > float(held.get("expires_s", ttl))
+    except (ValueError, KeyError, TypeError):
+        expired = True  # not a lease of ours: treat as stale
+    if not expired:
+        return None
+    try:
+        with errors(p, "take over the lease"):
+            return _Lease(p, owner, _put_etag(fs, path, _lease_body(owner, ttl), IfMatch=etag), ttl)
+    except Exception as e:
+        if _precondition_failed(e):
+            return None  # another worker took it over first
+        raise
+
+
+def leases(d: Location) -> list[dict[str, Any]]:
+    """The lease objects under `d` (a bucket's `.locks/`): name, worker, age in seconds, expired."""
+    out = []
+    if not is_remote(d):
+        return out
+    for name in names(d, "*.lock"):
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+            held = json.loads(read_bytes(d / name))
+            age = time.time() - float(held["renewed"])
+            out.append({"name": name, "worker": held.get("worker", {}), "age_s": age,
+                        "expired": age > float(held.get("expires_s", _LEASE_DEFAULT))})
+    return out
