@@ -97,7 +97,41 @@ def looks_like_url(text: str) -> bool:
     return "://" in text
 
 
+STATS_ENV = "EOPD_STORAGE_STATS"  # a file: each process appends its count of store calls at exit (bench/)
+_CALLS: dict[str, int] = {}
+
+
+class _CountingFS:
+    """The filesystem with each call to the store counted by method (one call is one request, or a
+    few for a paginated listing or a multipart upload): what bench/s3_run.py reports per round."""
+
+    def __init__(self, fs) -> None:
+        self._fs = fs
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args, **kwargs):
+            _CALLS[name] = _CALLS.get(name, 0) + 1
+            return attr(*args, **kwargs)
+        return counted
+
+
+def _write_stats() -> None:
+    with open(os.environ[STATS_ENV], "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "calls": _CALLS}) + "\n")
+
+
 def _fs(p: Location):
+    if os.environ.get(STATS_ENV):
+        if not _CALLS:
+            import atexit
+
+            _CALLS["_"] = 0
+            atexit.register(_write_stats)
+        return _CountingFS(p.fs), p.path
     return p.fs, p.path
 
 

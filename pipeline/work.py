@@ -24,6 +24,7 @@ shard is done.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -199,7 +200,10 @@ def run_shards(
             recorded.discard(i)
     mine = [i for i in range(num_shards) if worker is None or worker.owns(i)]
     summary.done_before = [i for i in mine if i in recorded]
-    todo = iter([i for i in mine if i not in recorded])
+    todo = collections.deque(i for i in mine if i not in recorded)
+    # On a bucket a killed worker's shard stays claimed until its lease expires: wait for it (and
+    # take it over) instead of ending the stage incomplete. Locally the OS frees a dead holder's lock.
+    wait_for_busy = storage.is_remote(stage_dir)
     engine: ShardWorker | None = None
 
     def load() -> ShardWorker:
@@ -211,13 +215,25 @@ def run_shards(
             summary.load_seconds = time.perf_counter() - t0
         return engine
 
-    def claim_next() -> _Claim | None:
-        """Lock the next shard of `todo` that nobody else holds or has finished."""
-        for i in todo:
+    def claim_next(wait: bool) -> _Claim | None:
+        """Claim the next shard of `todo` that nobody else holds or has finished. `wait`: when only
+        shards claimed by others are left, wait for them (never while holding a claim of our own:
+        two workers would wait for each other's shard)."""
+        busy: list[int] = []
+        while todo or (busy and wait and wait_for_busy):
+            if not todo:  # only shards claimed by others are left: recheck them after a while
+                if stop is not None and stop.is_set():
+                    break
+                time.sleep(min(storage.lease_seconds() / 4, 2.0))
+                done = manifest.done()
+                todo.extend(i for i in busy if i not in done)
+                busy.clear()
+                continue
+            i = todo.popleft()
             # released by the writer thread after it records the shard
             lock = storage.claim(stage_dir / ".locks" / f"{shard_name(i)}.lock")
             if lock is None:
-                summary.busy_elsewhere.append(i)
+                busy.append(i)
                 continue
             if i in manifest.done():  # finished by another worker since we listed the todo
                 lock.release()
@@ -228,7 +244,9 @@ def run_shards(
             claim = _Claim(i, lock, adopt=storage.is_file(final))
             if not claim.adopt and load().start is not None:
                 engine.start(i)
+            todo.extendleft(reversed(busy))  # tried again after this one
             return claim
+        summary.busy_elsewhere = sorted(set(busy))
         return None
 
     def commit(claim: _Claim, result: ShardResult | None) -> None:
@@ -273,12 +291,12 @@ def run_shards(
         while True:
             if stop is not None and stop.is_set():
                 raise Stopped()
-            if not claims and (c := claim_next()) is not None:
+            if not claims and (c := claim_next(wait=True)) is not None:
                 claims.append(c)
             if not claims:
                 break
             if len(claims) == 1 and not claims[0].adopt and engine.start is not None:
-                if (c := claim_next()) is not None:  # queued behind the current shard (see ShardWorker)
+                if (c := claim_next(wait=False)) is not None:  # queued behind the current shard (see ShardWorker)
                     claims.append(c)
             claim, result = claims[0], None
             if not claim.adopt:

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +31,7 @@ from typing import Any, Sequence
 import yaml
 
 from pipeline.config import load_yaml
+from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir, atomic_write_text
 from stages.eval import render_table
@@ -138,18 +137,10 @@ def _figure(ncols: int = 1):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
-def save_png(fig, path: Path) -> Path:
-    """Render to a temporary file beside `path`, then rename: readers never see half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def save_png(fig, path) -> Path:
+    """Render to a temporary file, then give it its final name (rename, or one PUT on a bucket):
+    readers never see half a PNG."""
+    storage.write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), doing="write the plot")
     return path
 
 
