@@ -13,12 +13,21 @@ to the caller:
     `process_weights_after_loading` after the reload (idempotent: it packs from `weight`, which it
     keeps), which makes sampling exactly a fresh engine's (tests/test_sampler.py, tied and untied).
 
-Starting the engine is retried (`start_engine`): vLLM's engine process can die while it starts on
-a machine short of memory (the kernel's OOM killer picks the process that is allocating, here the
-engine while it loads weights and takes its KV cache), and vLLM then says only "Engine core
-initialization failed. See root cause above. Failed core proc(s): {'EngineCore': -9}". A retry
-after a pause usually finds the memory back; the last failure is one message naming the cause and
-the fixes.
+Starting the engine is retried (`start_engine`). Seen under load in tests/test_sampler.py (out of
+process engines, as the persistent `run` keeps them): vLLM reports a death of its engine process
+during start-up only as "Engine core initialization failed. See root cause above. Failed core
+proc(s): {...}", the exit code can be missing (`{}`: the process not reaped yet), and the test
+showed the last 3,000 characters of stderr, the parent's traceback, not the root cause above it.
+Out of process, vLLM 0.32 on a CPU runs the engine core and, under it, a worker process that
+loads the weights and takes the KV cache. On a busy machine a healthy model's start dies there by
+memory: the kernel's OOM killer SIGKILLs the process that is allocating (the worker: the engine
+core then fails with "WorkerProc initialization failed" and exits 1; or the core itself, -9), or
+the worker's own check finds less memory available than the KV cache asked for
+(VLLM_CPU_KVCACHE_SPACE; exit 1). Both pass once the other
+jobs' peak has gone, so a start is tried again after a pause; the last failure is one message
+naming the exits, the memory available and the fixes. Bad arguments fail in this process before
+any engine process starts and are raised at once; an engine error that is not transient (an
+unsupported head size) is reported after the last try.
 """
 
 from __future__ import annotations
@@ -42,8 +51,8 @@ EXTENSION = "pipeline.sampler.WeightReload"
 # the pause before the next try (seconds, times the try number): overridable for tests and CI.
 ATTEMPTS_ENV, PAUSE_ENV = "EOPD_ENGINE_START_ATTEMPTS", "EOPD_ENGINE_RETRY_SECONDS"
 DEFAULT_ATTEMPTS, DEFAULT_PAUSE_S = 3, 10.0
-# Fault injection for tests/test_sampler.py: EOPD_TEST_ENGINE_START_FAIL=COUNTER_FILE:N kills the
-# engine process (SIGKILL, as the OOM killer does) while it starts, the first N times.
+# Fault injection for tests/test_sampler.py: EOPD_TEST_ENGINE_START_FAIL=COUNTER_FILE:N SIGKILLs the
+# process that loads the worker extension (vLLM's worker, while the engine starts), the first N times.
 FAIL_ENV = "EOPD_TEST_ENGINE_START_FAIL"
 _INIT_FAILED = "Engine core initialization failed"
 
@@ -98,7 +107,8 @@ def _memory_note(vllm_cfg) -> str:
 def _start_failed_message(model_path, vllm_cfg, codes: list[str]) -> str:
     return (f"vLLM's engine process for {model_path} exited while starting, {len(codes)} time(s) "
             f"(exit {'; '.join(codes)}); its own error, if it printed one, is above or in this command's log "
-            f"(RUN_DIR/logs/). An exit by SIGKILL is almost always the kernel's OOM killer (`dmesg | grep -i oom`): "
+            f"(RUN_DIR/logs/). On a busy machine this is memory: the kernel's OOM killer (`dmesg | grep -i oom`; "
+            f"vLLM then reports its worker's death) or vLLM's own check of the memory available: "
             f"{_memory_note(vllm_cfg)}, and the engine needs its weights plus its KV cache "
             f"(rollout.vllm.cpu_kvcache_gib / eval.vllm.cpu_kvcache_gib = {vllm_cfg.cpu_kvcache_gib:g} GiB on a CPU, "
             f"gpu_memory_utilization = {vllm_cfg.gpu_memory_utilization:g} of a GPU). Free memory (other jobs), lower "
@@ -107,7 +117,7 @@ def _start_failed_message(model_path, vllm_cfg, codes: list[str]) -> str:
 
 
 def _fault_on_engine_start() -> None:
-    """The test hook of FAIL_ENV, run when vLLM's engine process imports this module (to load the
+    """The test hook of FAIL_ENV, run when vLLM's worker process imports this module (to load the
     worker extension below), never in the process that asked for the engine."""
     spec = os.environ.get(FAIL_ENV)
     if not spec or multiprocessing.parent_process() is None:
