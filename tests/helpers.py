@@ -73,6 +73,15 @@ def cli(*args) -> list[str]:
 def all_ok(results: list[subprocess.CompletedProcess], count: int) -> list[subprocess.CompletedProcess]:
     """Assert a finished chain ran `count` commands, each exiting 0; name the first that did not."""
     for res in results:
-        assert res.returncode == 0, (" ".join(map(str, res.args[2:])), res.stderr[-3000:])
+        assert res.returncode == 0, (" ".join(map(str, res.args[2:])), failure_text(res.stderr))
     assert len(results) == count, [r.args for r in results]
     return results
+
+
+def failure_text(stderr: str, tail: int = 3000) -> str:
+    """What a failed command printed, for an assertion message: the first error block of any of its
+    processes (vLLM's engine prints its root cause there, far above the caller's traceback) and the tail."""
+    lines = stderr.splitlines()
+    first = next((i for i, line in enumerate(lines) if "Traceback" in line or " ERROR " in line), None)
+    head = "\n".join(lines[first:first + 40]) + "\n...\n" if first is not None else ""
+    return head + stderr[-tail:]

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import TRAIN, kill_group, run_cli, spawn_cli, wait_for_line, write_config
-from helpers import Background, all_ok, cli
+from helpers import Background, all_ok, cli, failure_text
 
 from pipeline.shards import sha256_file
 
@@ -119,7 +119,7 @@ def test_run_killed_at_random_points_resumes_to_identical_results(three_rounds, 
         kills += 1
     assert kills >= 1
     res = run_cli("run", run, "--config", plain(cfg))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_text(res.stderr)
     assert digests(run) == expected
     assert round_metrics(run) == round_metrics(ref)
     assert manifests(run, tokens=False) == manifests(ref, tokens=False)
@@ -172,7 +172,7 @@ def three_rounds(toy, tmp_path_factory, background):
                                              "score_teacher.overlap_rollouts=false"))
     run = tmp / "persistent"
     res = run_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_compute:1:3"})
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_text(res.stderr)
     # base and final are evaluated with the rollout engine (weights loaded in place); the quick toy's
     # teacher has another architecture than its student, so it gets its own eval process and engine.
     assert "$ eopd-pipe eval" in res.stderr and "--model teacher" in res.stderr
@@ -226,7 +226,7 @@ def test_one_optimisation_across_rounds(three_rounds, tmp_path):
     shutil.rmtree(run / "round-0001" / "train" / "checkpoints")
     for stage in ("rollout", "score-teacher", "train"):
         res = run_cli(stage, run, "--round", "2")
-        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.returncode == 0, failure_text(res.stderr)
     assert "round 1 has no complete checkpoint" in res.stdout + res.stderr
     fresh = [x for x in round_metrics(run) if x["round"] == 2]
     carried = [x for x in m if x["round"] == 2]
@@ -289,7 +289,7 @@ def test_training_streamed_on_the_first_teacher_shards(toy, three_rounds, backgr
                "round 1's training")
     kill_group(proc, signal.SIGKILL)
     res = run_cli("run", run, "--config", cfg)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_text(res.stderr)
 
     all_ok(later.result(timeout=7200), 4)
     assert len([k for k in digests(staged) if k.endswith("model.safetensors")]) == 2

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from conftest import CLI_ENV, REPO, cli_cmd, tree_snapshot, write_config
+from helpers import failure_text
 from pipeline.sampler import ATTEMPTS_ENV, FAIL_ENV, PAUSE_ENV
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ def reload_checks(toy, tmp_path_factory):
 @pytest.mark.parametrize("tie", ["tied", "untied"])
 def test_reloaded_engine_samples_what_a_fresh_engine_samples(reload_checks, tie):
     work, code, stdout, stderr = reload_checks[tie]
-    assert code == 0, stderr[-3000:]
+    assert code == 0, failure_text(stderr)
     got = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
     same_tokens, max_diff = got["ours"]
     assert same_tokens and max_diff == 0.0, got
@@ -69,7 +70,7 @@ def test_engine_killed_while_starting_is_started_again(reload_checks):
     """The tied case's first engine lost its worker process to a SIGKILL while starting: one
     warning naming the exit and the memory, then a second start whose engine passed every check above."""
     work, code, _, stderr = reload_checks["tied"]
-    assert code == 0, stderr[-3000:]
+    assert code == 0, failure_text(stderr)
     assert (work / "starts-killed").read_text() == "1"
     warnings = [line for line in stderr.splitlines() if "exited while starting" in line]
     assert len(warnings) == 1, stderr[-3000:]
@@ -85,7 +86,7 @@ def test_engine_that_never_starts_stops_run_with_one_message(reload_checks):
     """Every try killed (2 allowed here): `eopd-pipe run` exits 2 with one message (the exits, the
     likely cause, the settings to change), no traceback, and no shard written."""
     work, code, _, stderr = reload_checks["never"]
-    assert code == 2, stderr[-3000:]
+    assert code == 2, failure_text(stderr)
     assert (work / "starts-killed").read_text() == "2"
     err = stderr[stderr.find("error: "):]
     assert "Traceback" not in stderr and err.count("error: ") == 1, stderr[-3000:]
