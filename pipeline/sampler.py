@@ -12,18 +12,125 @@ to the caller:
     to 1.25 nats on the toy). `WeightReload.reload_policy` re-runs the head's
     `process_weights_after_loading` after the reload (idempotent: it packs from `weight`, which it
     keeps), which makes sampling exactly a fresh engine's (tests/test_sampler.py, tied and untied).
+
+Starting the engine is retried (`start_engine`). Seen under load in tests/test_sampler.py (out of
+process engines, as the persistent `run` keeps them): vLLM reports a death of its engine process
+during start-up only as "Engine core initialization failed. See root cause above. Failed core
+proc(s): {...}", the exit code can be missing (`{}`: the process not reaped yet), and the test
+showed the last 3,000 characters of stderr, the parent's traceback, not the root cause above it.
+Out of process, vLLM 0.32 on a CPU runs the engine core and, under it, a worker process that
+loads the weights and takes the KV cache. On a busy machine a healthy model's start dies there by
+memory: the kernel's OOM killer SIGKILLs the process that is allocating (the worker: the engine
+core then fails with "WorkerProc initialization failed" and exits 1; or the core itself, -9), or
+the worker's own check finds less memory available than the KV cache asked for
+(VLLM_CPU_KVCACHE_SPACE; exit 1). Both pass once the other
+jobs' peak has gone, so a start is tried again after a pause; the last failure is one message
+naming the exits, the memory available and the fixes. Bad arguments fail in this process before
+any engine process starts and are raised at once; an engine error that is not transient (an
+unsupported head size) is reported after the last try.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
 import time
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
+from pipeline.errors import UserError
 from pipeline.models import make_llm
 
 EXTENSION = "pipeline.sampler.WeightReload"
+# How often an engine start that vLLM reports as "Engine core initialization failed" is tried, and
+# the pause before the next try (seconds, times the try number): overridable for tests and CI.
+ATTEMPTS_ENV, PAUSE_ENV = "EOPD_ENGINE_START_ATTEMPTS", "EOPD_ENGINE_RETRY_SECONDS"
+DEFAULT_ATTEMPTS, DEFAULT_PAUSE_S = 3, 10.0
+# Fault injection for tests/test_sampler.py: EOPD_TEST_ENGINE_START_FAIL=COUNTER_FILE:N SIGKILLs the
+# process that loads the worker extension (vLLM's worker, while the engine starts), the first N times.
+FAIL_ENV = "EOPD_TEST_ENGINE_START_FAIL"
+_INIT_FAILED = "Engine core initialization failed"
+
+
+def start_engine(model_path: str | Path, vllm_cfg, seed: int, **kwargs: Any):
+    """`make_llm(...)`, tried again when vLLM's engine process dies while starting (see the module
+    docstring). Other errors (a bad argument, an unsupported model) are raised at once."""
+    attempts = max(1, int(os.environ.get(ATTEMPTS_ENV, DEFAULT_ATTEMPTS)))
+    pause = float(os.environ.get(PAUSE_ENV, DEFAULT_PAUSE_S))
+    codes: list[str] = []
+    for attempt in range(1, attempts + 1):
+        try:
+            return make_llm(model_path, vllm_cfg, seed, **kwargs)
+        except RuntimeError as e:
+            if _INIT_FAILED not in str(e):
+                raise
+            codes.append(_exit_codes(str(e)))
+            if attempt == attempts:
+                raise UserError(_start_failed_message(model_path, vllm_cfg, codes)) from None
+            wait = pause * attempt
+            print(f"warning: vLLM's engine process for {model_path} exited while starting (exit {codes[-1]}; "
+                  f"{_memory_note(vllm_cfg)}); trying again in {wait:g} s ({attempt + 1} of {attempts})",
+                  file=sys.stderr, flush=True)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _exit_codes(message: str) -> str:
+    """"Failed core proc(s): {'EngineCore_DP0': -9}" -> "-9 (killed by SIGKILL)"."""
+    found = re.findall(r"'[^']*': (-?\d+)", message.split("Failed core proc(s):")[-1])
+    if not found:  # "{}": the process had not been reaped when vLLM looked (seen under load)
+        return "code not reported by vLLM"
+    out = []
+    for code in found:
+        if code.lstrip("-").isdigit() and int(code) < 0:
+            out.append(f"{code} (killed by {signal.Signals(-int(code)).name})")
+        else:
+            out.append(code)
+    return ", ".join(out)
+
+
+def _memory_note(vllm_cfg) -> str:
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available / 2**30
+    except Exception:  # noqa: BLE001 -- a note in a message, never a second failure
+        return "available memory unknown"
+    return f"{available:.1f} GiB of memory available now"
+
+
+def _start_failed_message(model_path, vllm_cfg, codes: list[str]) -> str:
+    return (f"vLLM's engine process for {model_path} exited while starting, {len(codes)} time(s) "
+            f"(exit {'; '.join(codes)}); its own error, if it printed one, is above or in this command's log "
+            f"(RUN_DIR/logs/). On a busy machine this is memory: the kernel's OOM killer (`dmesg | grep -i oom`; "
+            f"vLLM then reports its worker's death) or vLLM's own check of the memory available: "
+            f"{_memory_note(vllm_cfg)}, and the engine needs its weights plus its KV cache "
+            f"(rollout.vllm.cpu_kvcache_gib / eval.vllm.cpu_kvcache_gib = {vllm_cfg.cpu_kvcache_gib:g} GiB on a CPU, "
+            f"gpu_memory_utilization = {vllm_cfg.gpu_memory_utilization:g} of a GPU). Free memory (other jobs), lower "
+            f"that setting, or allow more tries with {ATTEMPTS_ENV}=N; then run the same command again "
+            f"(finished work is kept)")
+
+
+def _fault_on_engine_start() -> None:
+    """The test hook of FAIL_ENV, run when vLLM's worker process imports this module (to load the
+    worker extension below), never in the process that asked for the engine."""
+    spec = os.environ.get(FAIL_ENV)
+    if not spec or multiprocessing.parent_process() is None:
+        return
+    counter, _, times = spec.rpartition(":")
+    path = Path(counter)
+    done = int(path.read_text() or 0) if path.is_file() else 0
+    if done < int(times):
+        path.write_text(str(done + 1))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fault_on_engine_start()
 
 
 class WeightReload:
@@ -42,7 +149,7 @@ class Sampler:
     """A vLLM engine with the weights of `policy`; `load(path)` swaps them in place."""
 
     def __init__(self, policy: Path, vllm_cfg, seed: int, in_process: bool | None = None) -> None:
-        self.llm = make_llm(policy, vllm_cfg, seed=seed, worker_extension_cls=EXTENSION, in_process=in_process)
+        self.llm = start_engine(policy, vllm_cfg, seed=seed, worker_extension_cls=EXTENSION, in_process=in_process)
         self.policy = self.started_from = Path(policy).resolve()
         self.reload_seconds = 0.0
 

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny local models (built once per session), configs, and CLI processes."""
+"""Shared fixtures: tiny local models (built once per session), configs, and CLI processes.
+
+Marker `slow`: the test starts a vLLM engine, trains, or launches the CLI's model processes.
+`python3 -m pytest -q -m "not slow"` is the fast loop while editing. A test that uses a fixture
+in ENGINE_FIXTURES (it starts an engine) is marked slow here, wherever it lives."""
 
 from __future__ import annotations
 
@@ -46,6 +50,16 @@ def write_config(path: Path, toy, **sections) -> Path:
     return path
 
 
+# Fixtures whose set-up starts a vLLM engine or trains: their users are slow (pytest_collection_modifyitems).
+ENGINE_FIXTURES = {"scored", "trained", "three_rounds", "killed_checkpoint"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 _SPAWNED: list[subprocess.Popen] = []
 
 
@@ -75,7 +89,7 @@ def cli_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: float = 2400) -> subprocess.CompletedProcess:
     return subprocess.run(cli_cmd(*args), cwd=REPO, env={**os.environ, **CLI_ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
@@ -84,7 +98,7 @@ def spawn_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
     return spawn(cli_cmd(*args), env)
 
 
-def wait_for_line(proc: subprocess.Popen, marker: str, timeout: float = 600) -> list[str]:
+def wait_for_line(proc: subprocess.Popen, marker: str, timeout: float = 1200) -> list[str]:
     """Read the process's stderr until a line containing `marker`; fail if it exits or times out first.
 
     A background thread keeps draining stderr afterwards (into proc.stderr_lines), so the child
@@ -125,7 +139,7 @@ def rest_of_stderr(proc: subprocess.Popen) -> str:
 def kill_group(proc: subprocess.Popen, sig: int) -> int:
     os.killpg(proc.pid, sig)
     try:
-        return proc.wait(timeout=120)
+        return proc.wait(timeout=600)
     finally:
         if sig != signal.SIGKILL:
             try:
@@ -157,3 +171,26 @@ def scored(toy, tmp_path_factory) -> tuple[Path, Path]:
         res = run_cli(stage, run, "--config", cfg)
         assert res.returncode == 0, res.stderr[-3000:]
     return cfg, run
+
+
+@pytest.fixture(scope="session")
+def killed_checkpoint(scored, tmp_path_factory):
+    """A copy of `scored` whose round-0 `train` was paused after logging step 3 (checkpoint every 2
+    steps), looked at by `status` while paused, SIGKILLed there (a lost machine), and looked at
+    again: `.run`, `.pid` (of the killed train), `.status_paused`, `.status_killed` (status
+    outputs). Tests copy `.run` before they resume or corrupt it; one paused process serves them all."""
+    import shutil
+    from types import SimpleNamespace
+
+    run = tmp_path_factory.mktemp("killed") / "run"
+    shutil.copytree(scored[1], run, ignore=shutil.ignore_patterns("train", "student"))
+    proc = spawn_cli("train", run, env={"EOPD_TEST_PAUSE": "train_step:3"})
+    try:
+        wait_for_line(proc, "EOPD_TEST_PAUSE reached train_step:3")
+        paused = run_cli("status", run)
+    finally:
+        kill_group(proc, signal.SIGKILL)
+    killed = run_cli("status", run)
+    assert paused.returncode == 0 and killed.returncode == 0, (paused.stderr, killed.stderr)
+    assert (run / "round-0000" / "train" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
+    return SimpleNamespace(run=run, pid=proc.pid, status_paused=paused.stdout, status_killed=killed.stdout)

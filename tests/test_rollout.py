@@ -1,17 +1,21 @@
 """`eopd-pipe rollout` through real vLLM on the tiny student, as a user runs it: real processes,
-real Parquet, real kills."""
+real Parquet, real kills; and its terminal (what test_logs.py checked with two more rollouts):
+quiet by default, the libraries' lines in RUN_DIR/logs/rollout.log, all of them on the terminal with -v."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import kill_group, run_cli, spawn_cli, tree_snapshot, wait_for_line, write_config
+from conftest import CLI_ENV, REPO, kill_group, run_cli, spawn_cli, tree_snapshot, wait_for_line, write_config
 from pipeline.shards import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -34,13 +38,38 @@ def cfg_path(toy, tmp_path_factory) -> Path:
                                  "vllm": {"enforce_eager": True, "dtype": "float32"}})
 
 
+def without_vllm_log_level() -> dict:
+    """The environment a user has: vLLM's own INFO lines are on (CLI_ENV quiets them elsewhere)."""
+    env = {**os.environ, **CLI_ENV}
+    env.pop("VLLM_LOGGING_LEVEL", None)
+    return env
+
+
 @pytest.fixture(scope="module")
-def reference(cfg_path, tmp_path_factory) -> Path:
+def reference_run(cfg_path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     run = tmp_path_factory.mktemp("ref") / "run"
-    res = run_cli("rollout", run, "--config", cfg_path)
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "rollout", str(run), "--config", str(cfg_path)],
+                         cwd=REPO, env=without_vllm_log_level(), capture_output=True, text=True, timeout=2400)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "stage complete" in res.stdout
-    return run
+    return run, res
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> Path:
+    return reference_run[0]
+
+
+def test_terminal_is_quiet_and_the_log_has_vllm(reference_run):
+    """A real vLLM rollout (the reference run): the terminal gets our progress bar and summary line,
+    the log gets vLLM's INFO/WARNING lines (was test_logs.py::test_rollout_quiet_then_verbose, quiet half)."""
+    run, res = reference_run
+    terminal = res.stdout + res.stderr
+    assert f"rollout: {NUM_SHARDS} shard(s) done now, 0 before" in res.stdout
+    assert "INFO" not in terminal and "WARNING" not in terminal, terminal
+    assert len([l for l in terminal.replace("\r", "\n").splitlines() if l.strip() and "rollout round 0" not in l]) <= 2
+    log = (run / "logs" / "rollout.log").read_text()
+    assert f"eopd-pipe rollout {run}" in log.splitlines()[0] and "INFO" in log and "vLLM" in log
 
 
 def test_schema_and_readers(reference, toy):
@@ -72,21 +101,16 @@ def test_schema_and_readers(reference, toy):
     assert pq.read_schema(stage / "part-00000.parquet").metadata[b"eopd.stage"] == b"rollouts"
 
 
-def test_kill9_mid_stage_then_resume_is_identical(cfg_path, reference, tmp_path):
+def test_kill9_then_sigterm_mid_stage_then_resume_is_identical(cfg_path, reference, tmp_path):
+    """SIGKILL with shard 1 fully written under its temporary name; the same command again, SIGTERM
+    while it computes shard 2: shard 2 abandoned, exit 143, shards 0-1 recorded, nothing temporary
+    left; the same command again finishes the rest, equal to the uninterrupted run (was two tests,
+    kill -9 then resume, and SIGTERM then resume, each starting its own engines)."""
     run = tmp_path / "run"
     proc = spawn_cli("rollout", run, "--config", cfg_path, env={"EOPD_TEST_PAUSE": "shard_rename:1"})
     wait_for_line(proc, "EOPD_TEST_PAUSE reached")  # shard 1 fully written under its temporary name
     kill_group(proc, signal.SIGKILL)
     assert not no_leftovers(run)
-    res = run_cli("rollout", run, "--config", cfg_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "3 shard(s) done now, 1 before" in res.stdout
-    assert rollout_digests(run) == rollout_digests(reference)
-    assert no_leftovers(run)
-
-
-def test_sigterm_abandons_shard_exits_nonzero_and_resumes(cfg_path, reference, tmp_path):
-    run = tmp_path / "run"
     proc = spawn_cli("rollout", run, "--config", cfg_path, env={"EOPD_TEST_PAUSE": "shard_compute:2"})
     wait_for_line(proc, "EOPD_TEST_PAUSE reached")
     assert kill_group(proc, signal.SIGTERM) == 143
@@ -95,16 +119,29 @@ def test_sigterm_abandons_shard_exits_nonzero_and_resumes(cfg_path, reference, t
     assert no_leftovers(run)
     res = run_cli("rollout", run, "--config", cfg_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 shard(s) done now, 2 before" in res.stdout
     assert rollout_digests(run) == rollout_digests(reference)
+    assert no_leftovers(run)
 
 
 def test_two_workers_do_every_shard_once(cfg_path, reference, tmp_path):
+    """Two workers, each with -v: every shard once, and the libraries' lines on the terminal, no log
+    written (was test_logs.py::test_rollout_quiet_then_verbose, verbose half)."""
     run = tmp_path / "run"
-    procs = [spawn_cli("rollout", run, "--config", cfg_path, "--worker", f"{i}/2") for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "-v", "rollout", str(run), "--config", str(cfg_path),
+                               "--worker", f"{i}/2"], cwd=REPO, env=without_vllm_log_level(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=2400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     assert "2 shard(s) done now" in outs[0][0] and "2 shard(s) done now" in outs[1][0]
     assert rollout_digests(run) == rollout_digests(reference)
+    assert all("INFO" in out + err for out, err in outs)
+    assert not (run / "logs").exists()
 
 
 def test_round_one_needs_round_zero_student(cfg_path, reference):

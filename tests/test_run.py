@@ -2,7 +2,11 @@
 with SIGKILL at random points and resumed by the same command each time: every shard, student and
 per-step loss equals those of an uninterrupted run, and of the stage commands run one by one. Its
 default scores each rollout shard while vLLM samples the next (`score_teacher.overlap_rollouts`):
-the same rows as with the stages one after another, also when killed in the middle of that."""
+the same rows as with the stages one after another, also when killed in the middle of that.
+
+One reference run (`three_rounds`, built once per module) serves every comparison; runs that do
+not check eval use the same config without its eval section (`plain`), which changes no shard,
+manifest, student or loss."""
 
 from __future__ import annotations
 
@@ -12,10 +16,13 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from conftest import TRAIN, kill_group, run_cli, spawn_cli, wait_for_line, write_config
+from helpers import Background, all_ok, cli, failure_text
 
 from pipeline.shards import sha256_file
 
@@ -44,7 +51,7 @@ def manifests(run: Path, tokens: bool = True) -> dict[str, dict]:
     return out
 
 
-def wait_until(done, what: str, timeout: float = 300) -> None:
+def wait_until(done, what: str, timeout: float = 900) -> None:
     deadline = time.time() + timeout
     while not done():
         assert time.time() < deadline, f"timeout waiting for {what}"
@@ -56,25 +63,21 @@ def recorded(run: Path, r: int, stage: str) -> set[str]:
     return set(json.loads(path.read_text())["shards"]) if path.is_file() else set()
 
 
-def test_run_killed_at_random_points_resumes_to_identical_results(toy, tmp_path):
+def test_run_killed_at_random_points_resumes_to_identical_results(three_rounds, tmp_path):
     """First two stops in the middle of round 0's overlapped rollouts and scoring (a SIGKILL while
     teacher shard 0 is recorded and rollout shard 1 only renamed; then a SIGTERM while the teacher
-    waits for rollout shard 2), then SIGKILLs at random moments."""
-    cfg = write_config(tmp_path / "cfg.yaml", toy, rounds=3,
-                       prompts={"path": str(toy.train_prompts), "limit": 12, "prompts_per_round": 8},
-                       rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 3,
-                                "vllm": {"enforce_eager": True, "dtype": "float32"}},
-                       score_teacher={"top_k": 8}, train={**TRAIN, "checkpoint_every": 1})
-    ref = tmp_path / "ref"
-    res = run_cli("run", ref, "--config", cfg)
-    assert res.returncode == 0, res.stderr[-3000:]
+    waits for rollout shard 2), then a preemption notice to the whole process group (vLLM's engine
+    process included) during round 0's training (exit 143, a checkpoint at the step boundary), then
+    SIGKILLs at random moments; the same command then finishes with the uninterrupted run's shards,
+    manifests, students and per-step losses (the reference: `three_rounds`, one uninterrupted run)."""
+    cfg, ref = three_rounds.cfg, three_rounds.run
     expected = digests(ref)
     assert len([k for k in expected if k.endswith("model.safetensors")]) == 3
 
     run = tmp_path / "run"
     # SIGKILL: rollout shard 1 of round 0 renamed, not recorded (its writer paused); the teacher
     # has scored and recorded shard 0 meanwhile, its plan naming only the rollout shard it read.
-    proc = spawn_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_record:1"})
+    proc = spawn_cli("run", run, "--config", plain(cfg), env={"EOPD_TEST_PAUSE": "shard_record:1"})
     wait_for_line(proc, "EOPD_TEST_PAUSE reached shard_record:1")
     wait_until(lambda: "part-00000.parquet" in recorded(run, 0, "teacher"), "teacher shard 0")
     assert recorded(run, 0, "rollouts") == {"part-00000.parquet"}
@@ -83,12 +86,18 @@ def test_run_killed_at_random_points_resumes_to_identical_results(toy, tmp_path)
     # SIGTERM: rollout shard 1 adopted, shard 2 in its writer (paused 45 s: long enough for a loaded
     # machine to load the teacher and score shard 1 first), teacher shard 1 done and the teacher
     # waiting for shard 2: exit 143 once the shard in the rollout writer is recorded.
-    proc = spawn_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_record:2:45"})
+    proc = spawn_cli("run", run, "--config", plain(cfg), env={"EOPD_TEST_PAUSE": "shard_record:2:45"})
     wait_for_line(proc, "EOPD_TEST_PAUSE reached shard_record:2")
     wait_until(lambda: "part-00001.parquet" in recorded(run, 0, "teacher"), "teacher shard 1")
     assert "part-00002.parquet" not in recorded(run, 0, "teacher")
     assert kill_group(proc, signal.SIGTERM) == 143
     assert len(recorded(run, 0, "rollouts")) == 3 and len(recorded(run, 0, "teacher")) == 2
+    # SIGTERM to the process group during round 0's training: exit 143, a checkpoint at the step
+    # boundary (was test_sigterm_stops_the_persistent_run_cleanly_and_it_resumes).
+    proc = spawn_cli("run", run, "--config", plain(cfg), env={"EOPD_TEST_PAUSE": "train_step:2:3"})
+    wait_for_line(proc, "EOPD_TEST_PAUSE reached")
+    assert kill_group(proc, signal.SIGTERM) == 143
+    assert (run / "round-0000" / "train" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
 
     # Random kill points by progress, not by time (a reference timed under one load says little
     # about a resumed run under another): after a random number of the run's shards and students
@@ -100,7 +109,7 @@ def test_run_killed_at_random_points_resumes_to_identical_results(toy, tmp_path)
         if done >= total - 2:
             break
         target = rng.randint(done + 1, total - 2)
-        proc = spawn_cli("run", run, "--config", cfg)
+        proc = spawn_cli("run", run, "--config", plain(cfg))
         while len(digests(run)) < target and proc.poll() is None:
             time.sleep(0.1)
         time.sleep(rng.uniform(0.0, 1.5))
@@ -109,8 +118,8 @@ def test_run_killed_at_random_points_resumes_to_identical_results(toy, tmp_path)
         kill_group(proc, signal.SIGKILL)
         kills += 1
     assert kills >= 1
-    res = run_cli("run", run, "--config", cfg)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli("run", run, "--config", plain(cfg))
+    assert res.returncode == 0, failure_text(res.stderr)
     assert digests(run) == expected
     assert round_metrics(run) == round_metrics(ref)
     assert manifests(run, tokens=False) == manifests(ref, tokens=False)
@@ -126,8 +135,18 @@ def round_metrics(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def three_rounds(toy, tmp_path_factory):
-    """A persistent `run` of three rounds (one process, each model loaded once) and its config.
+def background():
+    bg = Background()
+    yield bg
+    bg.close()
+
+
+@pytest.fixture(scope="module")
+def three_rounds(toy, tmp_path_factory, background):
+    """A persistent `run` of three rounds (one process, each model loaded once): `.cfg`, `.run`.
+    Started beside it, in the background, what later tests compare it with and which reads nothing
+    of it: `.staged` (the stage commands one by one, then eval of base and final) and `.sequential`
+    (the same `run` with score_teacher.overlap_rollouts off), each a Future of its processes.
     Three rollout shards per round, scored while the next are sampled (the default); the rollout
     writer pauses 3 s before recording shard 1, time for the teacher to score shard 0 meanwhile."""
     tmp = tmp_path_factory.mktemp("three")
@@ -140,9 +159,20 @@ def three_rounds(toy, tmp_path_factory):
                        eval={"prompts": {"path": str(toy.eval_prompts), "limit": 4}, "verifier": "toy", "samples": 3,
                              "max_tokens": 8, "temperature": 1.0, "top_p": 1.0, "models": ["base", "teacher", "final"],
                              "vllm": {"enforce_eager": True, "dtype": "float32"}})
+    without_eval = yaml.safe_load(cfg.read_text())
+    del without_eval["eval"]
+    (tmp / "plain.yaml").write_text(yaml.safe_dump(without_eval))
+    staged = tmp / "staged"
+    stage_commands = [cli(stage, staged, "--config", cfg, "--round", r) for r in range(3)
+                      for stage in ("rollout", "score-teacher", "train")]
+    evals = [cli("eval", staged, "--config", cfg, "--model", model) for model in ("base", "final")]
+    later = SimpleNamespace(cfg=cfg, staged_dir=staged, staged=background.submit(*stage_commands, *evals),
+                            sequential_dir=tmp / "sequential")
+    later.sequential = background.submit(cli("run", later.sequential_dir, "--config", plain(cfg), "--set",
+                                             "score_teacher.overlap_rollouts=false"))
     run = tmp / "persistent"
     res = run_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_compute:1:3"})
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_text(res.stderr)
     # base and final are evaluated with the rollout engine (weights loaded in place); the quick toy's
     # teacher has another architecture than its student, so it gets its own eval process and engine.
     assert "$ eopd-pipe eval" in res.stderr and "--model teacher" in res.stderr
@@ -152,25 +182,25 @@ def three_rounds(toy, tmp_path_factory):
 
     assert round_health(run, 0).length_fraction > 0.5
     assert "warning: round 0: " in res.stderr and "ended at rollout.max_tokens=12" in res.stderr, res.stderr[-3000:]
-    return cfg, run
+    later.run = run
+    return later
+
+
+def plain(cfg: Path) -> Path:
+    """The fixture's config without its eval section (written beside it)."""
+    return cfg.parent / "plain.yaml"
 
 
 def test_persistent_run_writes_exactly_what_the_stage_commands_write(three_rounds, tmp_path):
     """Rows, students and per-step losses of the persistent run equal those of rollout,
     score-teacher and train run one by one as separate processes (optimiser carried by checkpoint)."""
-    cfg, persistent = three_rounds
-    staged = tmp_path / "staged"
-    for r in range(3):
-        for stage in ("rollout", "score-teacher", "train"):
-            res = run_cli(stage, staged, "--config", cfg, "--round", str(r))
-            assert res.returncode == 0, res.stderr[-3000:]
+    persistent, staged = three_rounds.run, three_rounds.staged_dir
+    all_ok(three_rounds.staged.result(timeout=7200), 9 + 2)  # started beside the fixture's run
     assert digests(staged) == digests(persistent)
     assert len([k for k in digests(staged) if k.endswith("model.safetensors")]) == 3
     assert round_metrics(staged) == round_metrics(persistent)
     # Eval with the rollout engine, its weights swapped in place, samples what a new engine samples.
     for model in ("base", "final"):
-        res = run_cli("eval", staged, "--config", cfg, "--model", model)
-        assert res.returncode == 0, res.stderr[-3000:]
         fresh, reused = (json.loads((r / "eval" / f"{model}.json").read_text()) for r in (staged, persistent))
         for result in (fresh, reused):
             del result["sample_seconds"], result["model_path"]
@@ -183,7 +213,7 @@ def test_one_optimisation_across_rounds(three_rounds, tmp_path):
     from pipeline.config import load_config
     from pipeline.training import lr_factor
 
-    cfg, persistent = three_rounds
+    cfg, persistent = three_rounds.cfg, three_rounds.run
     m = round_metrics(persistent)
     tc = load_config(cfg, ()).train
     total = len(m)
@@ -196,7 +226,7 @@ def test_one_optimisation_across_rounds(three_rounds, tmp_path):
     shutil.rmtree(run / "round-0001" / "train" / "checkpoints")
     for stage in ("rollout", "score-teacher", "train"):
         res = run_cli(stage, run, "--round", "2")
-        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.returncode == 0, failure_text(res.stderr)
     assert "round 1 has no complete checkpoint" in res.stdout + res.stderr
     fresh = [x for x in round_metrics(run) if x["round"] == 2]
     carried = [x for x in m if x["round"] == 2]
@@ -205,50 +235,43 @@ def test_one_optimisation_across_rounds(three_rounds, tmp_path):
     assert fresh[1]["loss"] != carried[1]["loss"]  # ... but Adam's state moved the first step differently
 
 
-def test_sigterm_stops_the_persistent_run_cleanly_and_it_resumes(three_rounds, tmp_path):
-    """A preemption notice to the whole process group (vLLM's engine process included) during
-    round 1's training: exit 143, a checkpoint at the step boundary, then the same command finishes
-    with the uninterrupted run's students and losses."""
-    cfg, persistent = three_rounds
-    run = tmp_path / "run"
-    proc = spawn_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "train_step:2:3"})
-    wait_for_line(proc, "EOPD_TEST_PAUSE reached")
-    assert kill_group(proc, signal.SIGTERM) == 143
-    assert (run / "round-0000" / "train" / "checkpoints" / "step-000002" / "COMPLETE").is_file()
-    res = run_cli("run", run, "--config", cfg)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert digests(run) == digests(persistent) and round_metrics(run) == round_metrics(persistent)
-
-
 def test_overlapped_rounds_write_what_sequential_rounds_write(three_rounds, tmp_path):
     """`score_teacher.overlap_rollouts` (the fixture's default) scored teacher shard 0 before rollout
     shard 1 existed, in every round; with it off the rounds write the same rollout and teacher
     shards, manifests (plans included), students and per-step losses."""
-    cfg, overlapped = three_rounds
+    overlapped = three_rounds.run
     for r in range(3):
         rd = overlapped / f"round-{r:04d}"
         assert (rd / "teacher" / "part-00000.parquet").stat().st_mtime_ns \
             < (rd / "rollouts" / "part-00001.parquet").stat().st_mtime_ns, f"round {r} was not overlapped"
-    run = tmp_path / "sequential"
-    res = run_cli("run", run, "--config", cfg, "--set", "score_teacher.overlap_rollouts=false")
-    assert res.returncode == 0, res.stderr[-3000:]
+    run = three_rounds.sequential_dir
+    all_ok(three_rounds.sequential.result(timeout=7200), 1)  # started beside the fixture's run
     assert len([k for k in digests(run) if "/teacher/" in k]) == 9
     assert digests(run) == digests(overlapped)
     assert manifests(run) == manifests(overlapped)
     assert round_metrics(run) == round_metrics(overlapped)
 
 
-def test_training_streamed_on_the_first_teacher_shards(toy, tmp_path):
+def test_training_streamed_on_the_first_teacher_shards(toy, three_rounds, background, tmp_path):
     """train.data_order=shards: round 0's first optimiser step is taken while the teacher has not yet
-    written shard 2 (its scoring paused there until the SIGTERM, however slow the machine); a SIGTERM then, while the trainer waits for that
-    shard, saves the step taken (exit 143); a SIGKILL in round 1's streamed training; the same
-    command then finishes with the rollout and teacher shards, manifests, students and per-step
-    losses of the stage commands run one after another with the same config."""
+    written shard 2 (its scoring paused there until the SIGTERM, however slow the machine); a SIGTERM
+    then, while the trainer waits for that shard, saves the step taken (exit 143); a SIGKILL in round
+    1's streamed training; the same command then finishes with the rollout and teacher shards,
+    manifests, students and per-step losses of the stage commands run one after another with the
+    same config. Round 0's rollouts and teacher shards do not depend on the training config: the
+    stage commands' reference starts from `three_rounds`' (equal to its stage commands' by
+    test_persistent_run_writes_exactly_what_the_stage_commands_write) and runs the rest beside."""
     cfg = write_config(tmp_path / "cfg.yaml", toy, rounds=2,
                        prompts={"path": str(toy.train_prompts), "limit": 12, "prompts_per_round": 8},
                        rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 3,
                                 "vllm": {"enforce_eager": True, "dtype": "float32"}},
                        score_teacher={"top_k": 8}, train={**TRAIN, "data_order": "shards"})
+    staged = tmp_path / "staged"
+    for stage in ("rollouts", "teacher"):
+        shutil.copytree(three_rounds.run / "round-0000" / stage, staged / "round-0000" / stage)
+    later = background.submit(cli("train", staged, "--config", cfg, "--round", 0),
+                              *[cli(stage, staged, "--config", cfg, "--round", 1)
+                                for stage in ("rollout", "score-teacher", "train")])
     # 8 prompts x 2 = shards of 6, 6, 4 responses; steps of 8: step 1 needs shards 0-1, step 2 shard 2.
     run = tmp_path / "run"
     proc = spawn_cli("run", run, "--config", cfg, env={"EOPD_TEST_PAUSE": "teacher.shard_compute:2"})
@@ -266,13 +289,9 @@ def test_training_streamed_on_the_first_teacher_shards(toy, tmp_path):
                "round 1's training")
     kill_group(proc, signal.SIGKILL)
     res = run_cli("run", run, "--config", cfg)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_text(res.stderr)
 
-    staged = tmp_path / "staged"
-    for r in range(2):
-        for stage in ("rollout", "score-teacher", "train"):
-            res = run_cli(stage, staged, "--config", cfg, "--round", str(r))
-            assert res.returncode == 0, res.stderr[-3000:]
+    all_ok(later.result(timeout=7200), 4)
     assert len([k for k in digests(staged) if k.endswith("model.safetensors")]) == 2
     assert digests(run) == digests(staged)
     assert round_metrics(run) == round_metrics(staged)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, kill_group, run_cli, spawn, spawn_cli, wait_for_line
+from conftest import REPO, kill_group, run_cli, spawn, wait_for_line
 
 
 def manifests(run: Path) -> dict[str, dict]:
@@ -40,22 +40,19 @@ def test_shard_in_progress_names_the_worker(tmp_path):
     assert "in progress:" not in out
 
 
-def test_training_in_progress_then_preempted(scored, tmp_path):
+def test_training_in_progress_then_preempted(killed_checkpoint):
     """A real `train` paused after step 3 (checkpoint every 2 steps): status names the process, the
-    last complete checkpoint and the round's health figures; after kill -9, where it resumes."""
-    run = tmp_path / "run"
-    shutil.copytree(scored[1], run)
-    proc = spawn_cli("train", run, env={"EOPD_TEST_PAUSE": "train_step:3"})
-    wait_for_line(proc, "EOPD_TEST_PAUSE reached train_step:3")
-    out = run_cli("status", run).stdout
+    last complete checkpoint and the round's health figures; after kill -9, where it resumes.
+    (The paused and killed process is conftest's `killed_checkpoint`, shared with the tests that
+    resume or corrupt its checkpoint.)"""
+    run, out = killed_checkpoint.run, killed_checkpoint.status_paused
     assert "round 0: in progress" in out
-    assert f"train     training now (pid {proc.pid}: eopd-pipe train {run}" in out
+    assert f"train     training now (pid {killed_checkpoint.pid}: eopd-pipe train {run}" in out
     assert "step 3 logged; last checkpoint step-000002" in out
     assert "rollouts  complete 2/2 shards" in out and "teacher   complete 2/2 shards" in out
     health = next(l for l in out.splitlines() if l.startswith("  health"))
     assert "KL at start " in health and "at max_tokens " in health and "H(student) " in health and "gate " in health
-    kill_group(proc, signal.SIGKILL)
-    out = run_cli("status", run).stdout
+    out = killed_checkpoint.status_killed
     assert "round 0: not running (interrupted or waiting)" in out
     assert ("train     stopped at step 3 (last checkpoint step-000002): the next `train`/`run` resumes after "
             "step-000002") in out, out

@@ -6,14 +6,11 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import signal
 
 import pytest
 import torch
 
-from conftest import kill_group, run_cli, spawn_cli, wait_for_line
-
-pytestmark = pytest.mark.slow
+from conftest import run_cli
 
 
 class Evil:
@@ -27,13 +24,9 @@ class Evil:
 
 
 @pytest.mark.parametrize("victim", ["state.pt", "rng-rank0.pt"])
-def test_a_checkpoint_holding_code_is_refused(scored, tmp_path, victim):
-    _, run = scored
-    run_copy = tmp_path / "run"
-    shutil.copytree(run, run_copy, ignore=shutil.ignore_patterns("train", "student"))
-    proc = spawn_cli("train", run_copy, env={"EOPD_TEST_PAUSE": "train_step:3"})  # checkpoint at step 2
-    wait_for_line(proc, "EOPD_TEST_PAUSE reached")
-    kill_group(proc, signal.SIGKILL)
+def test_a_checkpoint_holding_code_is_refused(killed_checkpoint, tmp_path, victim):
+    # conftest's killed_checkpoint: `train` SIGKILLed after step 3 was logged, checkpoint at step 2
+    run_copy = shutil.copytree(killed_checkpoint.run, tmp_path / "run")
     ckpt = run_copy / "round-0000" / "train" / "checkpoints" / "step-000002"
     marker = tmp_path / "pwned"
     # A real torch checkpoint whose payload also carries the hostile object.

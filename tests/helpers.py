@@ -1,0 +1,87 @@
+"""Helpers for tests that overlap independent work: on a 2-core machine most of a CLI command's
+wall time is one busy core (imports, vLLM's start-up, a tiny model's Python overhead), so a second
+command beside it nearly halves the time of the pair. Only work that reads nothing the other
+writes is overlapped; tests that kill a process at a chosen point still run it in the foreground."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from conftest import CLI_ENV, REPO, cli_cmd
+
+
+class Background:
+    """Commands run one after another in one thread beside the test (one more busy core, not
+    more). `submit` returns a Future of the CompletedProcess list; `close` ends what still runs."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tests-background")
+        self._lock = threading.Lock()
+        self._current: subprocess.Popen | None = None
+        self._closed = False
+
+    def submit(self, *commands: list[str], env: dict | None = None, timeout: float = 1800) -> Future:
+        """Each command a full argv (see `cli`); the chain stops at the first non-zero exit."""
+        return self._pool.submit(self._run_chain, commands, env or {}, timeout)
+
+    def _run_chain(self, commands, env, timeout) -> list[subprocess.CompletedProcess]:
+        done = []
+        for cmd in commands:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("background closed")
+                proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **CLI_ENV, "PYTHONPATH": str(REPO), **env},
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+                self._current = proc
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            finally:
+                with self._lock:
+                    self._current = None
+                if proc.poll() is None:  # timed out, or closed meanwhile: nothing of it may outlive the chain
+                    _kill_group(proc)
+            done.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+            if proc.returncode != 0:
+                break
+        return done
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._current is not None:
+                _kill_group(self._current)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def cli(*args) -> list[str]:
+    """argv of `eopd-pipe ARGS` (for Background.submit)."""
+    return cli_cmd(*args)
+
+
+def all_ok(results: list[subprocess.CompletedProcess], count: int) -> list[subprocess.CompletedProcess]:
+    """Assert a finished chain ran `count` commands, each exiting 0; name the first that did not."""
+    for res in results:
+        assert res.returncode == 0, (" ".join(map(str, res.args[2:])), failure_text(res.stderr))
+    assert len(results) == count, [r.args for r in results]
+    return results
+
+
+def failure_text(stderr: str, tail: int = 3000) -> str:
+    """What a failed command printed, for an assertion message: the first error block of any of its
+    processes (vLLM's engine prints its root cause there, far above the caller's traceback) and the tail."""
+    lines = stderr.splitlines()
+    first = next((i for i, line in enumerate(lines) if "Traceback" in line or " ERROR " in line), None)
+    head = "\n".join(lines[first:first + 40]) + "\n...\n" if first is not None else ""
+    return head + stderr[-tail:]
