@@ -14,7 +14,9 @@ response token t both models' full next-token distributions are computed, q (stu
 
 per group of tokens: the teacher's high-entropy tokens (H(p_t) > tau, the EOPD gate) and the rest.
 Also per group: the teacher's and the student's mass outside S_k (p_T, q_T), and the cosine between
-the two estimators' gradients with respect to the student's logits (1 = the same direction).
+the two estimators' gradients with respect to the student's logits (1 = the same direction). A last
+row per group takes the top-16 log-probs as the teacher shards store them (the `packed` codec's
+1/32-nat grid), which is what training reads.
 
 The toy has a 263-token vocabulary; Qwen3's has 151,936. What a top-16 holds there is not measured
 here (no hub access); two analyses are printed instead (eopd/teacher_stats.py): the worst case over
@@ -64,8 +66,22 @@ def _grad_full(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return q * (logq - logp - kl)
 
 
-def estimator_rows(logp: torch.Tensor, logq: torch.Tensor, ks: list[int], tau: float) -> list[dict]:
-    """Per (group, k): mean full KL, mean topk KL, their ratio, p_T, q_T, gradient cosine."""
+def as_stored(ids: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """The top-k log-probs after a round trip through the shards' default codec (`packed`: a
+    1/32-nat grid), i.e. what the trainer reads."""
+    import pyarrow as pa
+
+    from pipeline.codec import get_codec
+
+    codec = get_codec()
+    table = pa.table(codec.encode([ids.numpy()], [logprobs.float().numpy()]))
+    return codec.decode(table)[1].to(logprobs.dtype)
+
+
+def estimator_rows(logp: torch.Tensor, logq: torch.Tensor, ks: list[int], tau: float,
+                   stored: bool = False) -> list[dict]:
+    """Per (group, k): mean full KL, mean topk KL, their ratio, p_T, q_T, gradient cosine.
+    stored: the teacher's top-k log-probs as the shards hold them (codec round trip)."""
     entropy = -(logp.exp() * logp).sum(-1)
     full = kl_divergence(logq, logp)
     g_full = _grad_full(logq, logp)
@@ -74,8 +90,9 @@ def estimator_rows(logp: torch.Tensor, logq: torch.Tensor, ks: list[int], tau: f
     rows = []
     for k in ks:
         top = logp.topk(k, dim=-1)
+        values = as_stored(top.indices, top.values) if stored else top.values
         z = logq.clone().requires_grad_(True)  # logq are log-probs: log_softmax(z) == z, same gradient path
-        q_b, p_b = topk_buckets(torch.log_softmax(z, -1), top.indices, top.values)
+        q_b, p_b = topk_buckets(torch.log_softmax(z, -1), top.indices, values)
         topk = reverse_kl_topk(q_b, p_b)
         (g_topk,) = torch.autograd.grad(topk.sum(), z)
         topk = topk.detach()
@@ -87,7 +104,7 @@ def estimator_rows(logp: torch.Tensor, logq: torch.Tensor, ks: list[int], tau: f
             if n == 0:
                 continue
             f, t = float(full[mask].mean()), float(topk[mask].mean())
-            rows.append({"group": name, "k": k, "tokens": n, "teacher_entropy": float(entropy[mask].mean()),
+            rows.append({"group": name, "k": k, "teacher_topk": "stored (packed codec)" if stored else "exact", "tokens": n, "teacher_entropy": float(entropy[mask].mean()),
                          "full_kl": f, "topk_kl": t, "ratio": t / f if f > 0 else float("nan"),
                          "gap": f - t, "max_gap": float((full - topk)[mask].max()),
                          "teacher_tail_mass": float(p_tail[mask].mean()), "max_teacher_tail_mass": float(p_tail[mask].max()),
@@ -117,10 +134,10 @@ def qwen3_analysis(k: int = 16, vocab: int = QWEN3_VOCAB, entropies: tuple[float
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| student | tokens | k | mean H(p) | full KL(q‖p) | topk | topk / full | max gap | p_T mean (max) | q_T mean | grad cos mean (min) |",
+    lines = ["| student | tokens | k (teacher top-k) | mean H(p) | full KL(q‖p) | topk | topk / full | max gap | p_T mean (max) | q_T mean | grad cos mean (min) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['student']} | {r['group']} ({r['tokens']}) | {r['k']} | {r['teacher_entropy']:.3f} | "
+        lines.append(f"| {r['student']} | {r['group']} ({r['tokens']}) | {r['k']}{'' if r['teacher_topk'] == 'exact' else ' (as stored)'} | {r['teacher_entropy']:.3f} | "
                      f"{r['full_kl']:.4f} | {r['topk_kl']:.4f} | {r['ratio']:.4f} | {r['max_gap']:.2e} | "
                      f"{r['teacher_tail_mass']:.2e} ({r['max_teacher_tail_mass']:.2e}) | {r['student_tail_mass']:.2e} | "
                      f"{r['grad_cosine']:.4f} ({r['min_grad_cosine']:.4f}) |")
@@ -162,6 +179,8 @@ def main() -> None:
         logp, logq = token_distributions(teacher, student, prompt_ids, responses)
         name = str(student_dir) if args.student else "base"
         for r in estimator_rows(logp, logq, args.k, args.tau):
+            rows.append({"student": name, **r})
+        for r in estimator_rows(logp, logq, [16], args.tau, stored=True):
             rows.append({"student": name, **r})
         toy_mass += [{"student": name, **toy_topk_mass_near(logp, 16, c, 0.1)} for c in (0.8, 2.0)]
         print(f"{name}: {logp.shape[0]} response tokens, vocabulary {logp.shape[1]}, {time.time() - t0:.0f} s", flush=True)

@@ -213,6 +213,36 @@ def eval_trl_model(model_dir: Path, eval_dir: Path, assets: Path, seed: int, set
     return evaluate(eval_dir, "base", s, env)
 
 
+def plot_curve(result: dict, path: Path) -> Path:
+    """pass@1 against train-loop wall-clock for both systems (points at the --curve steps and the end)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for name, label, style in (("eopd-pipe", f"eopd-pipe ({result['eopd-pipe']['objective']}, "
+                                f"{result['eopd-pipe']['rkl_estimator']} RKL)", "o-"),
+                               ("trl", "TRL DistillationTrainer (beta 1)", "s--")):
+        pts = result["curve"][name]
+        ax.plot([0] + [p["wall_s"] for p in pts], [result["base"]["pass@1"]] + [p["pass@1"] for p in pts], style, label=label)
+        for p in pts:
+            ax.annotate(f"{p['step']}", (p["wall_s"], p["pass@1"]), textcoords="offset points", xytext=(4, -11), fontsize=7)
+    for key, label in (("base", "base student"), ("teacher", "teacher")):
+        if key in result:
+            ax.axhline(result[key]["pass@1"], color="grey", lw=0.8, ls=":")
+            ax.text(0, result[key]["pass@1"] + 0.8, label, fontsize=7, color="grey")
+    ax.set_xlabel("train-loop wall-clock, s (labels: optimiser steps)")
+    ax.set_ylabel("pass@1 on 256 held-out problems, %")
+    ax.set_title(f"Learning per minute on the toy, seed {result['seed']}, {result['steps']} steps x 16 responses", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--assets", type=Path, required=True, help="a make-toy directory")
@@ -271,6 +301,7 @@ def main() -> None:
     curve["eopd-pipe"].append({"step": steps, "wall_s": timeline["train_s"], "pass@1": pass_at(ours_final, 1)})
     curve["trl"].append({"step": steps, "wall_s": summary["train_s"], "pass@1": pass_at(trl_final, 1)})
     base = evaluate(ours, "base", [], env)
+    teacher = evaluate(ours, "teacher", [], env)
 
     cfg_ours = json.loads(json.dumps(load_config(ours / "config.yaml").train.model_dump()))
     result = {
@@ -285,6 +316,7 @@ def main() -> None:
                 "s_per_step": summary["s_per_step"], "load_s": summary["load_s"],
                 "process_wall_s": summary.get("process_wall_s")},
         "base": {"pass@1": pass_at(base, 1), "pass@8": pass_at(base, 8)},
+        "teacher": {"pass@1": pass_at(teacher, 1), "pass@8": pass_at(teacher, 8)},
         "curve": curve,
     }
     result["time_ratio"] = result["eopd-pipe"]["train_s"] / result["trl"]["train_s"]
@@ -300,7 +332,7 @@ def main() -> None:
           f"{t['pass@1']:.1f} | {t['pass@8']:.1f} | {t['train_s']:.0f} | {t['s_per_step']:.3f} |")
     print(f"time ratio eopd-pipe / TRL: {result['time_ratio']:.2f}x; eopd-pipe stage walls summed: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in o["stage_wall_sum_s"].items()))
-    print(f"wrote {out / f'peer-s{args.seed}.json'}")
+    print(f"wrote {out / f'peer-s{args.seed}.json'}, plot {plot_curve(result, out / f'curve-s{args.seed}.png')}")
 
 
 if __name__ == "__main__":
