@@ -14,6 +14,16 @@ The default objective is the paper's EOPD (arXiv 2603.07079):
 
 and the batch loss is sum_t L_t / (all response tokens of the optimiser batch).
 
+Two estimators of the reverse-KL term RKL_t, for every objective that has one (rkl, eopd, full;
+fkl and jsd have none and ignore the choice):
+  "sampled" (the paper's): the PPO-clipped surrogate above, on the one sampled token y_t. Its
+      gradient at r = 1 is unbiased for the gradient of the full-vocabulary KL(q||p) (in expectation
+      over y_t ~ q_old), with the variance of one sample.
+  "topk": the analytic KL over the k+1 buckets (S and one tail T = V minus S) from the cached top-k,
+      sum_b q_b (log q_b - log p_b). Deterministic given the position; a lower bound of KL(q||p)
+      whose gap is exactly q_T KL(q(.|T) || p(.|T)) (`reverse_kl_topk`), zero when k = V, when the
+      student puts no mass on T, or when both distributions agree in shape on T.
+
 All functions are pure: tensors in, tensors out, natural logs throughout.
 """
 
@@ -52,7 +62,10 @@ class ObjectiveConfig:
                "fkl"   FKL_t on every token
                "full"  RKL_t + lam * FKL_t on every token   (the paper's "Full FKL" ablation; eopd, g = 1)
                "jsd"   JSD_beta(p, q) over the k+1 buckets  (GKD's generalised JSD)
-    rkl_estimator: "sampled" (PPO-style on y_t, the paper's) or "topk" (sum_buckets q (log q - log p)).
+    rkl_estimator: the RKL term of rkl, eopd and full (fkl and jsd have none and ignore it):
+        "sampled" (PPO-style on y_t, the paper's; `reverse_kl_sampled`) or "topk" (the analytic
+        sum_b q_b (log q_b - log p_b) over S + one tail bucket, a lower bound of the full-vocabulary
+        KL(q||p), exact when S holds all the student's mass; `reverse_kl_topk`).
     fkl_mode: "renorm" (teacher renormalised on S, the paper's) or "tail" (KL over S + one tail bucket).
     tau: gate threshold in nats; gate_quantile, when set, replaces tau by that quantile of the
         batch's teacher entropies (gate = H > quantile).
@@ -187,7 +200,23 @@ def kl_divergence(logp_a: Tensor, logp_b: Tensor) -> Tensor:
 
 
 def reverse_kl_topk(student_buckets: Tensor, teacher_buckets: Tensor) -> Tensor:
-    """RKL over the k+1 buckets: sum_b q_b (log q_b - log p_b) (exact KL(q||p) when k = V)."""
+    """The analytic reverse KL from the cached teacher top-k, per token: over the k+1 buckets of
+    `topk_buckets` (the k tokens of S, the teacher's top-k, and the tail T = V minus S),
+
+        RKL^topk = sum_{x in S} q(x) (log q(x) - log p(x)) + q_T (log q_T - log p_T),
+        q_T = 1 - sum_S q,  p_T = 1 - sum_S p.
+
+    Bias: by the chain rule of KL, the full-vocabulary reverse KL splits as
+        KL(q||p) = RKL^topk + q_T KL(q(.|T) || p(.|T)),
+    with q(.|T) = q / q_T and p(.|T) = p / p_T the distributions inside the tail. So RKL^topk is a
+    lower bound of KL(q||p) (>= 0 gap), exact when k = V (no tail), when q_T = 0, or when q and p
+    have the same shape inside T; the gap grows with the student's tail mass q_T and with how
+    differently the two spread it. Its gradient moves mass between S and T as the full KL's does,
+    but does not reshape the student inside T. The teacher's top-k are the largest p, so p_T is
+    the smallest tail a k-set can have: on the toy (V = 263) a top-16 leaves almost nothing
+    (bench/estimator_bias.py, bench/RESULTS.md).
+
+    student_buckets, teacher_buckets [n, k+1] log-probs from `topk_buckets`; returns [n]."""
     return kl_divergence(student_buckets, teacher_buckets)
 
 

@@ -16,8 +16,10 @@ log_softmax reference on materialised logits.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -164,3 +166,70 @@ def outside_rows(hidden: Tensor, lm_head_weight: Tensor, rows: int, stats: Token
     lse_extra = torch.logsumexp(extra, -1)
     log_z = torch.logaddexp(log_z_kept, lse_extra)
     return OutsideRows(extra.max(-1).values - log_z_kept > stats.topk_logprobs[:, -1], (lse_extra - log_z).exp())
+
+
+# --------------------------------------------------------------------------------------------
+# How much mass a top-k can leave outside it, given the entropy (for the `topk` reverse-KL
+# estimator's bias at a vocabulary other than the one measured: bench/estimator_bias.py)
+
+
+def _h(u: np.ndarray) -> np.ndarray:
+    """Binary entropy in nats, elementwise, 0 at u = 0 and u = 1."""
+    u = np.clip(u, 1e-300, 1.0 - 1e-16)
+    return -u * np.log(u) - (1.0 - u) * np.log1p(-u)
+
+
+def max_tail_mass(entropy: float, k: int, vocab: int) -> float:
+    """The most probability ANY distribution over `vocab` tokens with entropy `entropy` (nats) can
+    put outside its k most probable tokens: the worst case for a cached top-k.
+
+    For a tail mass t and a k-th largest probability e, the distribution with one top token of
+    1 - u and m tokens of e = u / m (k - 1 of them inside the top-k, the rest forming the tail,
+    t = u (m - k + 1) / m) majorises every distribution with that tail and that e, so it has no
+    more entropy; raising u then raises both entropy and tail. The supremum therefore lies in that
+    family, whose entropy is h(u) + u log m (h the binary entropy). Per m (k <= m <= vocab - 1,
+    on a grid dense at small m) this solves h(u) + u log m = entropy for u <= m / (m + 1) (so the
+    top token stays the largest) by bisection and returns the largest tail, up to the rounding of
+    m to the grid. 0 when entropy <= 0; 1 - k / vocab at the uniform distribution's entropy."""
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, vocab]; got k={k}, vocab={vocab}")
+    if entropy <= 0.0 or k == vocab:
+        return 0.0
+    if entropy >= math.log(vocab):
+        return 1.0 - k / vocab
+    m = np.unique(np.concatenate([np.round(np.geomspace(k, vocab - 1, 4000)), np.arange(k, min(vocab, k + 200))]))
+    u_max = m / (m + 1.0)
+    ok = _h(u_max) + u_max * np.log(m) >= entropy  # else m + 1 tokens cannot reach this entropy
+    m, lo, hi = m[ok], np.zeros(ok.sum()), u_max[ok]
+    for _ in range(60):  # bisection on u, every m at once: h(u) + u log m rises with u up to u_max
+        mid = 0.5 * (lo + hi)
+        below = _h(mid) + mid * np.log(m) < entropy
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    return float((lo * (m - k + 1) / m).max()) if len(m) else 0.0
+
+
+def zipf_topk_mass(entropy: float, k: int, vocab: int) -> tuple[float, float]:
+    """Top-k mass of the Zipf distribution p_i = i^-s / sum_j j^-s (i = 1..vocab) whose entropy is
+    `entropy` nats: (top-k mass, s). A model of a language model's heavy tail (rank-frequency
+    curves of text are Zipfian), not a measurement; s is found by bisection (H falls as s rises)."""
+    ranks = np.arange(1, vocab + 1, dtype=np.float64)
+    log_r = np.log(ranks)
+
+    def stats(s: float) -> tuple[float, float]:
+        logits = -s * log_r
+        logits -= logits.max()
+        p = np.exp(logits)
+        p /= p.sum()
+        return float(-(p * np.log(np.maximum(p, 1e-300))).sum()), float(p[:k].sum())
+
+    if not 0.0 < entropy < math.log(vocab):
+        raise ValueError(f"entropy must be in (0, log vocab = {math.log(vocab):.3f}); got {entropy}")
+    lo, hi = 0.0, 64.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if stats(mid)[0] > entropy:
+            lo = mid
+        else:
+            hi = mid
+    s = 0.5 * (lo + hi)
+    return stats(s)[1], s
