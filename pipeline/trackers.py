@@ -5,10 +5,10 @@ What each tracker gets, from the files the run directory already holds (the only
   `train/metrics.jsonl` once round R's student is written (so a tracker never holds a step that a
   resume redoes: what it has equals metrics.jsonl's, also after a kill; a round's curves arrive
   when the round ends);
-- the learning curve (eval.every_rounds, RUN_DIR/eval/curve/*.json): `curve/pass@k` at the step it
-  was taken, base and teacher as `curve/base_pass@k`, `curve/teacher_pass@k`;
+- the learning curve (eval.every_rounds, RUN_DIR/eval/curve/*.json): `curve/pass_at_K` at the step it
+  was taken, base and teacher as `curve/base_pass_at_K`, `curve/teacher_pass_at_K` (mlflow allows no "@");
 - the resolved config once, when the tracker run is created;
-- the final eval (RUN_DIR/eval/*.json) as one table at the end, and `eval/MODEL/pass@k` scalars.
+- the final eval (RUN_DIR/eval/*.json) as one table at the end, and `eval/MODEL/pass_at_K` scalars.
 
 RUN_DIR/trackers/state.json keeps, per tracker, its run's id and how far it has been sent (the
 last global step, the curve points, whether the table went): a resumed `run` continues the same
@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from typing import Any, Callable, Sequence
 
 from pipeline.rundir import RunDir, atomic_write_text
@@ -114,7 +115,7 @@ class WandbTracker(Tracker):
     def start(self, run, project, run_name, config, state):
         import wandb
 
-        run_id = state.get("id") or wandb.util.generate_id()
+        run_id = state.get("id") or uuid.uuid4().hex[:8]
         directory = run.root / "trackers"
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(directory),
@@ -139,7 +140,7 @@ class TrackioTracker(Tracker):
         import trackio
 
         self.trackio = trackio
-        self.run = trackio.init(project=project, name=run_name, config=config, resume="allow")
+        self.run = trackio.init(project=project, name=run_name, config=config, resume="allow", auto_log_cpu=False)
         return {"name": run_name, "project": project}
 
     def log(self, values, step):
@@ -279,7 +280,7 @@ class Trackers:
             for model, (step, result) in points.items():
                 if model in done:
                     continue
-                values = {f"curve/pass@{k}": float(v) for k, v in result["pass_at_k"].items()}
+                values = {f"curve/pass_at_{k}": float(v) for k, v in result["pass_at_k"].items()}
                 if model in ("base", "teacher"):
                     values = {k.replace("curve/", f"curve/{model}_"): v for k, v in values.items()}
                 tracker.log(values, step)
@@ -303,7 +304,7 @@ class Trackers:
         def send(name, tracker, st):
             if st.get("eval_table") == sent_models:
                 return
-            tracker.log({f"eval/{r['model']}/pass@{k}": float(v) for r in results for k, v in r["pass_at_k"].items()},
+            tracker.log({f"eval/{r['model']}/pass_at_{k}": float(v) for r in results for k, v in r["pass_at_k"].items()},
                         step)
             tracker.table("eval", columns, rows)
             tracker.flush()

@@ -34,6 +34,7 @@ import ctypes
 import gc
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -319,9 +320,12 @@ class StageThread(threading.Thread):
 class HealthWatch:
     """After each round: one line per sign of divergence (pipeline/health.py), said as it happens."""
 
+    REPEATS = 3  # a warning of one kind said this often; later ones of that kind only in `status`
+
     def __init__(self, run: RunDir, say: Callable[[str], None] | None = None) -> None:
         self.run, self.previous = run, None
         self.say = say or (lambda line: click.secho(line, fg="yellow", err=True))
+        self.said: dict[str, int] = {}
 
     def after_round(self, r: int):
         """Round r's figures (pipeline.health.RoundHealth), its warnings said."""
@@ -331,7 +335,12 @@ class HealthWatch:
             self.previous = round_health(self.run.root, r - 1)
         current = round_health(self.run.root, r)
         for line in health_warnings(current, self.previous):
-            self.say(f"warning: {line}")
+            kind = re.sub(r"[0-9.]+", "#", line)  # the same warning of another round
+            n = self.said[kind] = self.said.get(kind, 0) + 1
+            if n <= self.REPEATS:
+                more = (f" (said {self.REPEATS} times now: later rounds' in `eopd-pipe status {self.run.root}`)"
+                        if n == self.REPEATS else "")
+                self.say(f"warning: {line}{more}")
         self.previous = current
         return current
 

@@ -173,11 +173,11 @@ def test_every_tracker_equals_metrics_after_kill_and_resume(toy, tmp_path):
     assert {"base", "round-1", "round-3"} <= set(curve)
     ml = mlflow_history(run)
     for model, result in curve.items():
-        key = "curve/pass@1" if model.startswith("round-") else f"curve/{model}_pass@1"
+        key = "curve/pass_at_1" if model.startswith("round-") else f"curve/{model}_pass_at_1"
         assert same(result["pass_at_k"]["1"], ml[result["global_step"]][key][0]), (model, key)
         assert same(result["pass_at_k"]["1"], wb[result["global_step"]][key]), (model, key)
     final = json.loads((run / "eval" / "final.json").read_text())
-    assert same(final["pass_at_k"]["1"], ml[8]["eval/final/pass@1"][0])
+    assert same(final["pass_at_k"]["1"], ml[8]["eval/final/pass_at_1"][0])
     assert any(p.name == "eval.json" for p in (run / "trackers" / "mlruns").rglob("eval.json"))
 
 
