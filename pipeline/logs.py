@@ -1,5 +1,15 @@
 """A quiet terminal: what libraries print goes to a log file, our own output stays on the terminal.
 
+The libraries' own switches come first, set when a capture starts (inherited by the processes they
+start): VLLM_LOGGING_STREAM=ext://sys.__stdout__ (vLLM's handler writes to fd 1, the log, not to the
+terminal stream sys.stdout is inside a capture), HF_HUB_DISABLE_PROGRESS_BARS (huggingface_hub's and
+transformers' loading bars), HF_DATASETS_DISABLE_PROGRESS_BARS. What has no switch is handled below:
+C/C++ code and child processes print to fds 1/2 (redirected); transformers, datasets and DeepSpeed
+bind their handler to the current sys.stderr/stdout when first used, with no stream setting (moved
+to the log as they are added); vLLM's weight-loading bar in an in-process engine has no switch
+either (library bars go to the log). `eopd-pipe run` also sends its stages' own output to the log
+(pipeline/progress.py), leaving one progress line on the terminal.
+
 While a capture is active (`with capture_logs(RUN_DIR / "logs" / "rollout.log"):`):
 
 - file descriptors 1 and 2 point at the log file (dup2), so lines written by C/C++ code (torch's

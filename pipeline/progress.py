@@ -137,7 +137,8 @@ class RunProgress:
         if self.bar is not None:
             self.bar.n = self.round_done
         self._refresh(force=True)
-        if self.round_done % self.every == 0 or self.round_done == self.rounds:
+        # Rounds a resumed run finds done pass by quietly; the last one is summed up once.
+        if (ran and self.round_done % self.every == 0) or self.round_done == self.rounds:
             self.echo(self.summary_line())
 
     def curve_point(self, model: str, result: dict[str, Any], step: int) -> None:

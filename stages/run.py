@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +48,7 @@ import click
 from pipeline.config import Config
 from pipeline.errors import Preempted, UserError
 from pipeline.models import check_model_dir
+from pipeline.logs import terminal_stderr
 from pipeline.progress import stage_output_to_log
 from pipeline.rundir import RunDir, freeze_config
 from pipeline.shards import Manifest
@@ -360,46 +362,55 @@ def run_all(run: RunDir, cfg: Config, allow_config_change: bool = False, per_sta
     freeze_config(run, cfg, allow_config_change)
     root = str(run.root)
     persistent = not per_stage_processes and cfg.train.processes <= 1
-    roles = None
-    watch = Watch(run, cfg, bar=persistent)
-    try:
-        with stage_output_to_log(watch.say):
-            if persistent:
-                roles = _preemption_not_error(run_rounds_persistent, run, cfg, watch)
-            elif cfg.eval.every_rounds:
-                watch.say("note: eval.every_rounds (the learning curve) is drawn by the persistent `run` only; "
-                          "with --per-stage-processes evaluate a round with `eopd-pipe eval RUN_DIR --model round-N`")
-            health = HealthWatch(run, watch.say)
-            for r in range(cfg.rounds):
-                ran = not run.student_done(r)
-                if ran:
-                    watch.start_round(r)
-                if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
-                    run_stage(["rollout", root, "--round", str(r)])
-                if not Manifest(run.stage_dir(r, "teacher")).is_complete():
-                    run_stage(["score-teacher", root, "--round", str(r)])
-                if not run.student_done(r):
-                    run_stage(["train", root, "--round", str(r)], train_launcher(cfg))
-                    watch.end_round(r, health.after_round(r), ran, None)
-            watch.close_bar()
-            evaluated = []
-            if cfg.eval.prompts is not None:
-                from stages.eval import resolve_model, run_eval
+    roles = watch = None
 
-                for model in cfg.eval.models:
-                    if not (run.root / "eval" / f"{model}.json").is_file():
-                        watch.say(f"eval: {model} on {_problems(cfg)} problems x {cfg.eval.samples} samples ...")
-                        sampler = roles.eval_sampler(resolve_model(run, cfg, model).path) if roles else None
-                        if sampler is not None:
-                            _preemption_not_error(run_eval, run, cfg, model, sampler=sampler)
-                        else:
-                            if roles is not None:
-                                roles.close()  # its engine's memory goes to the eval process's
-                            run_stage(["eval", root, "--model", model])
-                    evaluated.append(model)
-            watch.final_evals(evaluated)
+    def say(line: str) -> None:  # a stage's warning, above the progress line
+        if watch is not None:
+            watch.say(line)
+        else:
+            click.echo(line, file=terminal_stderr())
+    try:
+        # Everything inside, the trackers' own start and finish messages too, prints to the log.
+        with stage_output_to_log(say):
+            watch = Watch(run, cfg, bar=persistent)
+            try:
+                if persistent:
+                    roles = _preemption_not_error(run_rounds_persistent, run, cfg, watch)
+                elif cfg.eval.every_rounds:
+                    watch.say("note: eval.every_rounds (the learning curve) is drawn by the persistent `run` only; "
+                              "with --per-stage-processes evaluate a round with `eopd-pipe eval RUN_DIR --model round-N`")
+                health = HealthWatch(run, watch.say)
+                for r in range(cfg.rounds):
+                    ran = not run.student_done(r)
+                    if ran:
+                        watch.start_round(r)
+                    if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
+                        run_stage(["rollout", root, "--round", str(r)])
+                    if not Manifest(run.stage_dir(r, "teacher")).is_complete():
+                        run_stage(["score-teacher", root, "--round", str(r)])
+                    if not run.student_done(r):
+                        run_stage(["train", root, "--round", str(r)], train_launcher(cfg))
+                        watch.end_round(r, health.after_round(r), ran, None)
+                watch.close_bar()
+                evaluated = []
+                if cfg.eval.prompts is not None:
+                    from stages.eval import resolve_model, run_eval
+
+                    for model in cfg.eval.models:
+                        if not (run.root / "eval" / f"{model}.json").is_file():
+                            watch.say(f"eval: {model} on {_problems(cfg)} problems x {cfg.eval.samples} samples ...")
+                            sampler = roles.eval_sampler(resolve_model(run, cfg, model).path) if roles else None
+                            if sampler is not None:
+                                _preemption_not_error(run_eval, run, cfg, model, sampler=sampler)
+                            else:
+                                if roles is not None:
+                                    roles.close()  # its engine's memory goes to the eval process's
+                                run_stage(["eval", root, "--model", model])
+                        evaluated.append(model)
+                watch.final_evals(evaluated)
+            finally:
+                watch.close()
     finally:
-        watch.close()
         if roles is not None:
             roles.close()
     return evaluated
@@ -426,6 +437,13 @@ class Watch:
         self.progress = RunProgress(cfg.rounds, _steps_per_round(run, cfg), summary_every(cfg.rounds, cfg.logging.summary_every),
                                     rounds_done=len(done), global_step=last["global_step"] if last else 0,
                                     bar=None if bar else False)
+        from pipeline import logs
+
+        log = logs.log_path(run.root, "run") if logs.capturing() else None
+        left = cfg.rounds - len(done)
+        self.say(f"run {run.root}: " + (f"{left} of {cfg.rounds} rounds to go" if done else f"{cfg.rounds} rounds")
+                 + (f", {self.progress.steps_per_round} optimiser steps each" if self.progress.steps_per_round else "")
+                 + (f"; what the stages print: {log}" if log is not None and not logs.is_verbose() else ""))
         self.trackers = Trackers(run, cfg, self.say)
         self.trackers.send_rounds()  # whatever earlier calls (or stage commands) trained
         self.trackers.send_curve()
@@ -466,8 +484,12 @@ class Watch:
                 self.say(f"note: the learning curve needs eval.vllm equal to rollout.vllm (the rollout engine "
                          f"evaluates); {model} is left out")
             return
+        t0 = time.perf_counter()
         result = _preemption_not_error(run_eval, self.run, self.cfg, model, sampler=sampler,
                                        problems=ec.curve_problems, out=out, extra={"global_step": step})
+        with open(out.parent / "timings.jsonl", "a") as f:  # what the curve costs (bench/RESULTS.md)
+            f.write(json.dumps({"model": model, "global_step": step, "wall_s": round(time.perf_counter() - t0, 3),
+                                "sample_s": result["sample_seconds"]}) + "\n")
         self.progress.curve_point(model, result, step)
         self.trackers.send_curve()
         if model in ("base", "teacher"):

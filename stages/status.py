@@ -251,11 +251,12 @@ def _collapsed(run: RunDir, rounds: list[int]) -> str:
             except UserError:
                 continue
             shards += len(data["shards"])
-            rows += sum(x["rows"] for x in data["shards"].values())
+            if stage == "rollouts":
+                rows += sum(x["rows"] for x in data["shards"].values())
             mib += sum(x["bytes"] for x in data["shards"].values()) / 2**20
         steps += _logged_steps(run, r)
     span = _spans(rounds)
-    return (f"rounds {span}: done ({len(rounds)} rounds: {shards} shards, {rows:,} rows, {mib:,.1f} MiB; "
+    return (f"rounds {span}: done ({len(rounds)} round(s): {shards} shards, {rows:,} responses, {mib:,.1f} MiB; "
             f"{steps:,} optimiser steps; every student written)")
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+VLLM = {"enforce_eager": True, "dtype": "float32", "cpu_kvcache_gib": 1.0}  # rollout's = eval's: the curve uses its engine
+
 from conftest import CLI_ENV, REPO, write_config
 from pipeline.progress import RunProgress, _ToLog, clock, summary_every
 
@@ -106,16 +108,16 @@ def render(stream: bytes, width: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_run_in_a_pty(toy, tmp_path):
+def test_run_in_a_pty(toy, tmp_path, monkeypatch):
     """A real `run` (3 rounds, a curve point each round) in a 160-column pseudo-terminal: a handful of
     lines (summaries, curve, eval table, plots), the run's line drawn alone on its row (no line written
     over it), the stages' bars and headers in run.log and not on the screen."""
-    cfg = write_config(tmp_path / "c.yaml", toy, rounds=3, rollout={"n": 1, "max_tokens": 12, "prompts_per_shard": 8},
+    cfg = write_config(tmp_path / "c.yaml", toy, rounds=3, rollout={"n": 1, "max_tokens": 12, "prompts_per_shard": 8, "vllm": VLLM},
                        prompts={"path": str(toy.train_prompts), "limit": 16},
                        train={"batch_rows": 8, "micro_batch_tokens": 4096},
                        eval={"prompts": {"path": str(toy.eval_prompts), "limit": 8}, "verifier": "toy", "samples": 2,
                              "max_tokens": 12, "top_p": 1.0, "models": ["base", "final"], "every_rounds": 1,
-                             "curve_problems": 4, "vllm": {"enforce_eager": True, "dtype": "float32"}})
+                             "curve_problems": 4, "vllm": VLLM})
     run = tmp_path / "run"
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
@@ -154,3 +156,16 @@ def test_run_in_a_pty(toy, tmp_path):
     assert [curve[f"round-{r}"]["global_step"] for r in range(3)] == [2, 4, 6]
     assert (run / "report" / "eval_curve.png").is_file()
     assert Path(run / "eval" / "final.json").is_file()
+
+    # `status` of the finished run, as a long run shows it: one line for the finished rounds, the health
+    # trend, the curve; `--round R` in full.
+    from pipeline.rundir import RunDir
+    from stages import status
+
+    monkeypatch.setattr(status, "FULL_DETAIL_ROUNDS", 1)
+    text = status.status_text(RunDir(run)).splitlines()
+    assert text[0].endswith("3 of 3 round(s) started, 3 done") and text[1].startswith("rounds 0-2: done (3 round(s): 12 shards, 48 responses")
+    assert text[2].startswith("health (mean over") and text[3].split()[:2] == ["rounds", "KL"] and len(text) <= 10, text
+    assert any(l.startswith("curve: student pass@1 ") for l in text) and text[-1].startswith("eval: base pass@1")
+    one = status.status_text(RunDir(run), round_index=1).splitlines()
+    assert one[1] == "round 1: done" and one[2].startswith("  rollouts  complete") and one[-1].startswith("  health")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+VLLM = {"enforce_eager": True, "dtype": "float32", "cpu_kvcache_gib": 1.0}  # rollout's = eval's: the curve uses its engine
+
 from conftest import kill_group, run_cli, spawn_cli, write_config
 
 TRACKERS = ["tensorboard", "wandb", "trackio", "mlflow"]
@@ -136,12 +138,12 @@ def test_every_tracker_equals_metrics_after_kill_and_resume(toy, tmp_path):
     """A real `run` with all four trackers, killed with SIGKILL once round 1 is trained, then resumed: each
     store holds every metrics.jsonl value at its global step exactly once, the learning curve, the config
     and the final eval table; the resumed run continued the same tracker run (ids kept)."""
-    cfg = write_config(tmp_path / "c.yaml", toy, rounds=4, rollout={"n": 1, "max_tokens": 12, "prompts_per_shard": 8},
+    cfg = write_config(tmp_path / "c.yaml", toy, rounds=4, rollout={"n": 1, "max_tokens": 12, "prompts_per_shard": 8, "vllm": VLLM},
                        prompts={"path": str(toy.train_prompts), "limit": 16},
                        train={"batch_rows": 8, "checkpoint_every": 1, "micro_batch_tokens": 4096},
                        eval={"prompts": {"path": str(toy.eval_prompts), "limit": 8}, "verifier": "toy", "samples": 2,
                              "max_tokens": 12, "top_p": 1.0, "models": ["base", "final"], "every_rounds": 2,
-                             "curve_problems": 4, "vllm": {"enforce_eager": True, "dtype": "float32"}},
+                             "curve_problems": 4, "vllm": VLLM},
                        logging={"report_to": TRACKERS, "project": "eopd-test"})
     run = tmp_path / "run"
     env = tracker_env(tmp_path)
