@@ -63,7 +63,7 @@ class RunProgress:
         self.round_seconds: list[float] = []  # rounds run in this process (skipped ones excluded)
         self.t0 = time.perf_counter()
         self._round_start: float | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         if bar is None:
             bar = _isatty(self.out) and not logs.is_verbose() and logs.capturing()
         self.bar = tqdm(total=rounds, initial=rounds_done, file=self.out, bar_format=BAR_FORMAT,
@@ -109,7 +109,7 @@ class RunProgress:
                     self._watched = (path, offset + end + 1)
 
     def train_step(self, record: dict[str, Any]) -> None:
-        """A training step's metrics (called by the trainer, in whatever thread trains)."""
+        """A line of the round's metrics.jsonl (from the thread that follows the file)."""
         with self._lock:
             self.step = int(record.get("global_step", self.step))
             gate = record.get("gate_fraction")

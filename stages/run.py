@@ -60,7 +60,7 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def run_stage(args: list[str], launcher: list[str] | None = None) -> None:
+def run_stage(args: list[str], launcher: list[str] | None = None, say: Callable[[str], None] | None = None) -> None:
     """Run `eopd-pipe ARGS` as a child process; SIGTERM is passed on and reported as preemption.
     Inside `run`'s quiet terminal (pipeline/progress.py) the child's own output (bars, summary
     lines, an error message) goes to run's log, and a failure quotes its error lines."""
@@ -69,7 +69,10 @@ def run_stage(args: list[str], launcher: list[str] | None = None) -> None:
     from pipeline import logs
 
     cmd = (launcher or [sys.executable]) + ["-m", "pipeline.cli", *args]
-    click.secho(f"$ eopd-pipe {' '.join(args)}", fg="cyan", err=True)
+    if say is not None:
+        say(f"$ eopd-pipe {' '.join(args)}")
+    else:
+        click.secho(f"$ eopd-pipe {' '.join(args)}", fg="cyan", err=True)
     from pipeline.progress import stages_to_log
 
     log = logs.current_log() if stages_to_log() else None
@@ -405,7 +408,7 @@ def run_all(run: RunDir, cfg: Config, allow_config_change: bool = False, per_sta
                             else:
                                 if roles is not None:
                                     roles.close()  # its engine's memory goes to the eval process's
-                                run_stage(["eval", root, "--model", model])
+                                run_stage(["eval", root, "--model", model], say=watch.say)
                         evaluated.append(model)
                 watch.final_evals(evaluated)
             finally:
