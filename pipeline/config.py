@@ -154,6 +154,22 @@ class EvalConfig(Section):
     models: list[str] = Field(default_factory=lambda: ["base", "final"],
                               description="what `run` evaluates at the end: base, teacher, final, or round-N")
     vllm: VllmConfig = VllmConfig()
+    # The learning curve: the persistent `run` evaluates the current student every N rounds on the
+    # first `curve_problems` eval problems, with the rollout engine (weights loaded in place).
+    every_rounds: int = Field(0, ge=0, description="persistent `run`: evaluate the student after every N-th round (and "
+                              "base and teacher once) on the first curve_problems problems; results in "
+                              "RUN_DIR/eval/curve/; 0: off")
+    curve_problems: int = Field(64, ge=1, description="eval problems (the first N of eval.prompts) of each curve point")
+
+
+class LoggingConfig(Section):
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        default_factory=list, description="experiment trackers that get every metric (pipeline/trackers.py); "
+        "each needs its extra, e.g. pip install '.[wandb]'")
+    project: str = Field("eopd-pipe", description="the trackers' project / experiment name")
+    run_name: str | None = Field(None, description="the trackers' run name; null: the run directory's name")
+    summary_every: int = Field(0, ge=0, description="rounds between the summary lines `run` prints; 0: about ten "
+                               "lines per run")
 
 
 class Config(Section):
@@ -166,6 +182,7 @@ class Config(Section):
     score_teacher: ScoreTeacherConfig = ScoreTeacherConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,5 +1,15 @@
 """A quiet terminal: what libraries print goes to a log file, our own output stays on the terminal.
 
+The libraries' own switches come first, set when a capture starts (inherited by the processes they
+start): VLLM_LOGGING_STREAM=ext://sys.__stdout__ (vLLM's handler writes to fd 1, the log, not to the
+terminal stream sys.stdout is inside a capture), HF_HUB_DISABLE_PROGRESS_BARS (huggingface_hub's and
+transformers' loading bars), HF_DATASETS_DISABLE_PROGRESS_BARS. What has no switch is handled below:
+C/C++ code and child processes print to fds 1/2 (redirected); transformers, datasets and DeepSpeed
+bind their handler to the current sys.stderr/stdout when first used, with no stream setting (moved
+to the log as they are added); vLLM's weight-loading bar in an in-process engine has no switch
+either (library bars go to the log). `eopd-pipe run` also sends its stages' own output to the log
+(pipeline/progress.py), leaving one progress line on the terminal.
+
 While a capture is active (`with capture_logs(RUN_DIR / "logs" / "rollout.log"):`):
 
 - file descriptors 1 and 2 point at the log file (dup2), so lines written by C/C++ code (torch's
@@ -49,6 +59,16 @@ VERBOSE_ENV = "EOPD_VERBOSE"
 TERMINAL_ENV = ("EOPD_TERMINAL_STDOUT", "EOPD_TERMINAL_STDERR")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 POLL_SECONDS = 0.5  # how often a temporary log checks whether its run directory exists yet
+
+
+def capturing() -> bool:
+    """Whether a capture is active in this process (library output goes to a log now)."""
+    return bool(_STACK)
+
+
+def current_log() -> Path | None:
+    """Where this process's library output goes now (None outside a capture)."""
+    return _STACK[-1].path if _STACK else None
 
 
 def is_verbose() -> bool:
@@ -152,8 +172,11 @@ class _ErrorsToTerminal(logging.Filter):
                 first = record.getMessage().splitlines()[0] if record.getMessage() else ""
             except Exception:  # a bad format string is the library's problem, not a reason to fail
                 first = str(record.msg)
-            _TERMINAL.err.write(f"{record.levelname.lower()} ({record.name}): {first}  "
-                                f"[full log: {_STACK[-1].path}]\n")
+            # tqdm.write clears and redraws a progress bar on that stream (`run`'s): no line lands on it.
+            from tqdm import tqdm
+
+            tqdm.write(f"{record.levelname.lower()} ({record.name}): {first}  [full log: {_STACK[-1].path}]",
+                       file=_TERMINAL.err)
         return True
 
 
@@ -468,8 +491,12 @@ def capture_logs(path: str | Path, only_inside: str | Path | None = None,
         return
     from pipeline.errors import Preempted, UserError
 
-    # transformers' and huggingface_hub's loading/saving bars are theirs, not ours (read at their import).
+    # The libraries' own switches first (read at their import; inherited by the processes they start):
+    # vLLM's log handler writes to sys.__stdout__, i.e. fd 1, the log (its default, sys.stdout, is the
+    # terminal stream inside a capture); huggingface_hub's and transformers' loading bars, datasets' bars off.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.__stdout__")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     cap = _Capture(Path(path), Path(only_inside) if only_inside is not None else None)
     _enter(cap)
     result = LogCapture(cap)

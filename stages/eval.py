@@ -213,10 +213,13 @@ def entropy_note(temperature: float, top_p: float) -> str:
 # ----------------------------------------------------------------------------- the stage
 
 
-def run_eval(run: RunDir, cfg: Config, model: str, allow_config_change: bool = False, sampler=None) -> dict[str, Any]:
+def run_eval(run: RunDir, cfg: Config, model: str, allow_config_change: bool = False, sampler=None,
+             problems: int | None = None, out: Path | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate `model` (base, teacher, final or round-N) on cfg.eval.prompts; writes and returns
     RUN_DIR/eval/<model>.json. `sampler`: a running `pipeline.sampler.Sampler` that can load the
-    model's weights in place (the persistent `run`'s), used instead of starting an engine."""
+    model's weights in place (the persistent `run`'s), used instead of starting an engine.
+    `problems`: only the first N problems; `out`: write there instead; `extra`: keys added to the
+    result (the learning curve's points: `curve_point`)."""
     ec = cfg.eval
     target = resolve_model(run, cfg, model)
     if ec.prompts is None:
@@ -230,6 +233,9 @@ def run_eval(run: RunDir, cfg: Config, model: str, allow_config_change: bool = F
         raise UserError(f"eval.prompts.path {ec.prompts.path}: answer column {ec.answer_field!r} not found "
                         f"(columns: {columns}); set eval.answer_field to the column holding the reference answers, "
                         f"e.g. --set eval.answer_field={columns[-1] if columns else 'answer'}")
+    full = prompts  # the cache holds every problem; a curve point takes the first N
+    if problems is not None and problems < prompts.num_rows:
+        prompts = prompts.slice(0, problems)
     prompt_ids = prompts.column("prompt_id").to_pylist()
     golds = [None if a is None else str(a).strip() for a in prompts.column(ec.answer_field).to_pylist()]
     empty = [pid for pid, g in zip(prompt_ids, golds) if not g]
@@ -239,7 +245,7 @@ def run_eval(run: RunDir, cfg: Config, model: str, allow_config_change: bool = F
     # Every input is checked: only now does the call write into the run dir.
     freeze_config(run, cfg, allow_config_change)
     if not cached:
-        save_prompt_cache(prompts_dir, prompts)
+        save_prompt_cache(prompts_dir, full)
 
     t0 = time.time()
     texts_and_stats = sample_responses(target.path, prompts.column("prompt_token_ids").to_pylist(), prompt_ids, tokenizer, cfg,
@@ -274,6 +280,7 @@ def run_eval(run: RunDir, cfg: Config, model: str, allow_config_change: bool = F
         "max_tokens": ec.max_tokens,
         "seed": cfg.seed,
         "sample_seconds": round(sample_s, 2),
+        **(extra or {}),
         "notes": [
             "pass_at_k[k]: unbiased estimator 1 - C(n-c, k)/C(n, k) per problem (n = samples, c = correct), mean over problems",
             "avg_at_k: mean accuracy of the samples (k = samples)",
@@ -291,7 +298,7 @@ def run_eval(run: RunDir, cfg: Config, model: str, allow_config_change: bool = F
         result["notes"].append("steps_valid_fraction, mean_distinct_valid_paths: responses whose every step is right, and "
                                "per problem their distinct orders of adding the numbers (valid_path_coverage: that over "
                                "min(samples, terms!))")
-    out = run.root / STAGE / f"{model}.json"
+    out = out if out is not None else run.root / STAGE / f"{model}.json"
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     tqdm.write(f"eval: {model} ({target.path}) -> {out}", file=sys.stderr)
     return result

@@ -144,11 +144,47 @@ def save_png(fig, path) -> Path:
     return path
 
 
-def _round_lines(ax, metrics: dict[int, list[dict[str, Any]]]) -> None:
-    """Dotted vertical lines between rounds (after each round's last step but the final one)."""
+ROUND_LINES_MAX = 20  # more round boundaries than this draw a grey curtain over the curves: left out
+
+
+def _round_lines(ax, metrics: dict[int, list[dict[str, Any]]]) -> bool:
+    """Dotted vertical lines between rounds (after each round's last step but the final one), only
+    where there are few rounds. Returns whether they were drawn."""
     rounds = sorted(metrics)
+    if len(rounds) > ROUND_LINES_MAX:
+        return False
     for r in rounds[:-1]:
         ax.axvline(max(rec["global_step"] for rec in metrics[r]) + 0.5, color="grey", linestyle=":", linewidth=1)
+    return len(rounds) > 1
+
+
+def smooth(ys: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average over `window` points (fewer at the start): what a smoothed curve in
+    TensorBoard or W&B shows, without their exponential bias at the start."""
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y
+        if i >= window:
+            total -= ys[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def smoothing_window(n: int) -> int:
+    """About 2% of the points (1 below 50 points: no smoothing)."""
+    return 1 if n < 50 else max(2, n // 50)
+
+
+def _plot_series(ax, xs: list[int], ys: list[float], label: str, color) -> int:
+    """A curve: the raw values faint and their moving average over them when there are many
+    points; returns the window (1: raw only)."""
+    w = smoothing_window(len(xs))
+    if w == 1:
+        ax.plot(xs, ys, label=label, color=color, marker="." if len(xs) <= 50 else None, linewidth=1.2)
+    else:
+        ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.6)
+        ax.plot(xs, smooth(ys, w), label=label, color=color, linewidth=1.6)
+    return w
 
 
 def _style_passk(ax, max_k: int) -> None:
@@ -166,6 +202,9 @@ def _style_passk(ax, max_k: int) -> None:
 
 
 def plot_training(metrics: dict[int, list[dict[str, Any]]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10"].colors
     records = [rec for r in sorted(metrics) for rec in metrics[r]]
     written = []
     for name, title, ylabel, keys in TRAIN_PLOTS:
@@ -174,16 +213,63 @@ def plot_training(metrics: dict[int, list[dict[str, Any]]], out_dir: Path) -> li
         if not curves:
             continue
         fig, (ax,) = _figure()
-        for key, (xs, ys) in curves.items():
-            ax.plot(xs, ys, label=key, marker="." if len(xs) <= 50 else None, linewidth=1.2)
-        _round_lines(ax, metrics)
-        ax.set_title(title + (f" ({len(metrics)} rounds, dotted: round boundaries)" if len(metrics) > 1 else ""), fontsize=10)
+        window = 1
+        for i, (key, (xs, ys)) in enumerate(curves.items()):
+            window = max(window, _plot_series(ax, xs, ys, key, colors[i % len(colors)]))
+        lines = _round_lines(ax, metrics)
+        notes = [f"{len(metrics)} rounds"] if len(metrics) > 1 else []
+        if lines:
+            notes.append("dotted: round boundaries")
+        if window > 1:
+            notes.append(f"faint: per step; solid: mean of {window} steps")
+        ax.set_title(title + ("\n" + ", ".join(notes) if notes else ""), fontsize=10)
         ax.set_xlabel("global step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
         written.append(save_png(fig, out_dir / name))
     return written
+
+
+def read_curve(run: RunDir) -> dict[str, dict[str, Any]]:
+    """The learning curve's evals (RUN_DIR/eval/curve/*.json, see stages/run.py: Watch): model -> result."""
+    out = {}
+    for path in sorted((run.root / "eval" / "curve").glob("*.json")):
+        out[path.stem] = read_eval(path)
+    return out
+
+
+def plot_curve(curve: dict[str, dict[str, Any]], evals: dict[str, dict[str, Any]], out_dir: Path) -> Path | None:
+    """pass@1 (and pass@k at the largest k) of the student against the optimiser step, base student
+    and teacher as horizontal lines (their curve evals on the same problems, else the full evals)."""
+    points = sorted(((int(r.get("global_step", 0)), r) for m, r in curve.items() if m not in ("teacher",)),
+                    key=lambda p: p[0])
+    if not points:
+        return None
+    fig, (ax,) = _figure()
+    kmax = max(int(k) for _, r in points for k in r["pass_at_k"])
+    xs = [x for x, _ in points]
+    ax.plot(xs, [100 * r["pass_at_k"]["1"] for _, r in points], marker="o", color="C0", label="student pass@1")
+    if kmax > 1:
+        ax.plot(xs, [100 * r["pass_at_k"].get(str(kmax), math.nan) for _, r in points], marker=".", color="C0",
+                alpha=0.5, linestyle="--", label=f"student pass@{kmax}")
+    same = True
+    for who, style in (("base", dict(color="grey", linestyle="--")), ("teacher", dict(color="black", linestyle=":"))):
+        result = curve.get(who)
+        if result is None:
+            result, same = evals.get(who), False if evals.get(who) else same
+        if result is not None:
+            ax.axhline(100 * result["pass_at_k"]["1"], label=f"{who} pass@1", linewidth=1.2, **style)
+    problems = points[-1][1].get("problems", "?")
+    samples = points[-1][1].get("samples", "?")
+    ax.set_title(f"Learning curve: pass@1 during training\n{problems} eval problems x {samples} samples per point"
+                 + ("" if same else "; lines without a curve eval: the full eval"), fontsize=10)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("pass@k (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_png(fig, out_dir / "eval_curve.png")
 
 
 def plot_eval(evals: dict[str, dict[str, Any]], out_dir: Path, title: str) -> Path:
@@ -194,7 +280,7 @@ def plot_eval(evals: dict[str, dict[str, Any]], out_dir: Path, title: str) -> Pa
         max_k = max(max_k, ks[-1])
         ax.plot(ks, ps, marker="o", label=f"{name} (Avg@{result.get('samples', ks[-1])} {result.get('avg_at_k', ps[0]):.3f})")
     _style_passk(ax, max_k)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, wrap=True)
     ax.legend()
     return save_png(fig, out_dir / "eval_pass_at_k.png")
 
@@ -210,12 +296,16 @@ def make_report(run: RunDir) -> list[Path]:
         raise UserError(f"nothing to plot in RUN_DIR {run.root}: no round-*/train/metrics.jsonl and no eval/*.json yet; "
                         f"run `eopd-pipe train` or `eopd-pipe eval` first")
     written = plot_training(metrics, out_dir) if metrics else []
+    curve = plot_curve(read_curve(run), evals, out_dir)
+    if curve is not None:
+        written.append(curve)
     if evals:
         seed = next((r.get("seed") for r in evals.values() if r.get("seed") is not None), None)
         samples = next((r.get("samples") for r in evals.values() if r.get("samples")), "?")
         problems = next((r.get("problems") for r in evals.values() if r.get("problems")), "?")
-        written.append(plot_eval(evals, out_dir, f"pass@k on the eval problems ({run.root.name}; seed {seed}: one run, "
-                                                 f"no spread over seeds; {problems} problems x {samples} samples)"))
+        written.append(plot_eval(evals, out_dir, f"pass@k on the eval problems ({run.root.name})\n"
+                                                 f"seed {seed}: one run, no spread over seeds; {problems} problems x "
+                                                 f"{samples} samples"))
     return written
 
 

@@ -32,10 +32,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import math
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +48,8 @@ import click
 from pipeline.config import Config
 from pipeline.errors import Preempted, UserError
 from pipeline.models import check_model_dir
+from pipeline.logs import terminal_stderr
+from pipeline.progress import stage_output_to_log
 from pipeline.rundir import RunDir, freeze_config
 from pipeline.shards import Manifest
 from pipeline.signals import PREEMPTION
@@ -54,11 +60,29 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def run_stage(args: list[str], launcher: list[str] | None = None) -> None:
-    """Run `eopd-pipe ARGS` as a child process; SIGTERM is passed on and reported as preemption."""
+def run_stage(args: list[str], launcher: list[str] | None = None, say: Callable[[str], None] | None = None) -> None:
+    """Run `eopd-pipe ARGS` as a child process; SIGTERM is passed on and reported as preemption.
+    Inside `run`'s quiet terminal (pipeline/progress.py) the child's own output (bars, summary
+    lines, an error message) goes to run's log, and a failure quotes its error lines."""
+    import os
+
+    from pipeline import logs
+
     cmd = (launcher or [sys.executable]) + ["-m", "pipeline.cli", *args]
-    click.secho(f"$ eopd-pipe {' '.join(args)}", fg="cyan", err=True)
-    child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+    if say is not None:
+        say(f"$ eopd-pipe {' '.join(args)}")
+    else:
+        click.secho(f"$ eopd-pipe {' '.join(args)}", fg="cyan", err=True)
+    from pipeline.progress import stages_to_log
+
+    log = logs.current_log() if stages_to_log() else None
+    env = None
+    if log is not None:  # the child's "terminal" is then its stdout/stderr: this process's log
+        env = {k: v for k, v in os.environ.items() if k not in logs.TERMINAL_ENV}
+    start = log.stat().st_size if log is not None and log.is_file() else 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env=env)
     try:
         code = child.wait()
     except Preempted:
@@ -68,7 +92,17 @@ def run_stage(args: list[str], launcher: list[str] | None = None) -> None:
     if code == Preempted.exit_code:
         raise Preempted()
     if code != 0:
-        raise UserError(f"`eopd-pipe {' '.join(args)}` failed (exit {code}); its message is above. "
+        where = "its message is above"
+        if log is not None:
+            try:
+                with open(log, "rb") as f:
+                    f.seek(start)
+                    lines = f.read().decode(errors="replace").replace("\r", "\n").splitlines()
+            except OSError:
+                lines = []
+            said = [l for l in lines if l.startswith("error:")] or [l for l in lines if l.strip()][-5:]
+            where = "it said:\n  " + "\n  ".join(said) + f"\n(all of it: {log})" if said else f"see {log}"
+        raise UserError(f"`eopd-pipe {' '.join(args)}` failed (exit {code}); {where}\n"
                         f"Fix it and run the same `eopd-pipe run` again: finished work is kept")
 
 
@@ -141,19 +175,26 @@ def _warn_if_sharing_a_gpu(cfg: Config) -> None:
                     f"with --per-stage-processes", fg="yellow", err=True)
 
 
-def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
+def run_rounds_persistent(run: RunDir, cfg: Config, watch: "Watch | None" = None) -> Roles:
     """All rounds in this process, each role's model loaded once (see the module docstring).
-    Returns the roles still loaded (eval may sample with the rollout engine); the caller closes them."""
+    Returns the roles still loaded (eval may sample with the rollout engine); the caller closes them.
+    `watch`: the run's progress line, learning curve and trackers (what a person watching sees)."""
     from stages.rollout import run_rollout
     from stages.score_teacher import run_score_teacher
 
-    roles, health = Roles(run, cfg), HealthWatch(run)
+    roles = Roles(run, cfg)
+    watch = watch if watch is not None else Watch(run, cfg, bar=False)
+    health = HealthWatch(run, watch.say)
     try:
+        watch.curve_point(roles, "base")
         for r in range(cfg.rounds):
+            ran = not run.student_done(r)
+            if ran:
+                watch.start_round(r)
             if cfg.train.data_order == "shards" and not run.student_done(r) \
                     and not Manifest(run.stage_dir(r, "teacher")).is_complete():
                 round_streamed(run, cfg, r, roles)
-                health.after_round(r)
+                watch.end_round(r, health.after_round(r), ran, roles)
                 continue
             rollouts_done = Manifest(run.stage_dir(r, "rollouts")).is_complete()
             if not rollouts_done and cfg.score_teacher.overlap_rollouts \
@@ -167,7 +208,8 @@ def run_rounds_persistent(run: RunDir, cfg: Config) -> Roles:
                 _require_complete(summary, "score-teacher", r)
             if not run.student_done(r):
                 roles.trainer().train_round(r)
-            health.after_round(r)
+            watch.end_round(r, health.after_round(r), ran, roles)
+        watch.curve_point(roles, "teacher")
     except BaseException:
         roles.close()
         raise
@@ -283,18 +325,29 @@ class StageThread(threading.Thread):
 class HealthWatch:
     """After each round: one line per sign of divergence (pipeline/health.py), said as it happens."""
 
-    def __init__(self, run: RunDir) -> None:
-        self.run, self.previous = run, None
+    REPEATS = 3  # a warning of one kind said this often; later ones of that kind only in `status`
 
-    def after_round(self, r: int) -> None:
+    def __init__(self, run: RunDir, say: Callable[[str], None] | None = None) -> None:
+        self.run, self.previous = run, None
+        self.say = say or (lambda line: click.secho(line, fg="yellow", err=True))
+        self.said: dict[str, int] = {}
+
+    def after_round(self, r: int):
+        """Round r's figures (pipeline.health.RoundHealth), its warnings said."""
         from pipeline.health import health_warnings, round_health
 
         if self.previous is None and r > 0:
             self.previous = round_health(self.run.root, r - 1)
         current = round_health(self.run.root, r)
         for line in health_warnings(current, self.previous):
-            click.secho(f"warning: {line}", fg="yellow", err=True)
+            kind = re.sub(r"[0-9.]+", "#", line)  # the same warning of another round
+            n = self.said[kind] = self.said.get(kind, 0) + 1
+            if n <= self.REPEATS:
+                more = (f" (said {self.REPEATS} times now: later rounds' in `eopd-pipe status {self.run.root}`)"
+                        if n == self.REPEATS else "")
+                self.say(f"warning: {line}{more}")
         self.previous = current
+        return current
 
 
 def _require_complete(summary, stage: str, r: int) -> None:
@@ -304,42 +357,196 @@ def _require_complete(summary, stage: str, r: int) -> None:
 
 
 def run_all(run: RunDir, cfg: Config, allow_config_change: bool = False, per_stage_processes: bool = False) -> list[str]:
-    """Everything the config asks for, skipping what is done. Returns the evaluated model names."""
+    """Everything the config asks for, skipping what is done. Returns the evaluated model names.
+    The terminal gets one progress line and a summary every few rounds; what the stages print goes
+    to RUN_DIR/logs/run.log (pipeline/progress.py)."""
     check_model_dir(cfg.student.path, "student")
     check_model_dir(cfg.teacher.path, "teacher")
     freeze_config(run, cfg, allow_config_change)
     root = str(run.root)
-    roles = None
-    try:
-        if not per_stage_processes and cfg.train.processes <= 1:
-            roles = _preemption_not_error(run_rounds_persistent, run, cfg)
-        health = HealthWatch(run)
-        for r in range(cfg.rounds):
-            if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
-                run_stage(["rollout", root, "--round", str(r)])
-            if not Manifest(run.stage_dir(r, "teacher")).is_complete():
-                run_stage(["score-teacher", root, "--round", str(r)])
-            if not run.student_done(r):
-                run_stage(["train", root, "--round", str(r)], train_launcher(cfg))
-                health.after_round(r)
-        evaluated = []
-        if cfg.eval.prompts is not None:
-            from stages.eval import resolve_model, run_eval
+    persistent = not per_stage_processes and cfg.train.processes <= 1
+    roles = watch = None
 
-            for model in cfg.eval.models:
-                if not (run.root / "eval" / f"{model}.json").is_file():
-                    sampler = roles.eval_sampler(resolve_model(run, cfg, model).path) if roles else None
-                    if sampler is not None:
-                        _preemption_not_error(run_eval, run, cfg, model, sampler=sampler)
-                    else:
-                        if roles is not None:
-                            roles.close()  # its engine's memory goes to the eval process's
-                        run_stage(["eval", root, "--model", model])
-                evaluated.append(model)
+    def say(line: str) -> None:  # a stage's warning, above the progress line
+        if watch is not None:
+            watch.say(line)
+        else:
+            click.echo(line, file=terminal_stderr())
+    try:
+        # Everything inside, the trackers' own start and finish messages too, prints to the log.
+        with stage_output_to_log(say):
+            watch = Watch(run, cfg, bar=persistent)
+            try:
+                if persistent:
+                    roles = _preemption_not_error(run_rounds_persistent, run, cfg, watch)
+                elif cfg.eval.every_rounds:
+                    watch.say("note: eval.every_rounds (the learning curve) is drawn by the persistent `run` only; "
+                              "with --per-stage-processes evaluate a round with `eopd-pipe eval RUN_DIR --model round-N`")
+                health = HealthWatch(run, watch.say)
+                for r in range(cfg.rounds):
+                    ran = not run.student_done(r)
+                    if ran:
+                        watch.start_round(r)
+                    if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
+                        run_stage(["rollout", root, "--round", str(r)])
+                    if not Manifest(run.stage_dir(r, "teacher")).is_complete():
+                        run_stage(["score-teacher", root, "--round", str(r)])
+                    if not run.student_done(r):
+                        run_stage(["train", root, "--round", str(r)], train_launcher(cfg))
+                        watch.end_round(r, health.after_round(r), ran, None)
+                watch.close_bar()
+                evaluated = []
+                if cfg.eval.prompts is not None:
+                    from stages.eval import resolve_model, run_eval
+
+                    for model in cfg.eval.models:
+                        if not (run.root / "eval" / f"{model}.json").is_file():
+                            watch.say(f"eval: {model} on {_problems(cfg)} problems x {cfg.eval.samples} samples ...")
+                            sampler = roles.eval_sampler(resolve_model(run, cfg, model).path) if roles else None
+                            if sampler is not None:
+                                _preemption_not_error(run_eval, run, cfg, model, sampler=sampler)
+                            else:
+                                if roles is not None:
+                                    roles.close()  # its engine's memory goes to the eval process's
+                                run_stage(["eval", root, "--model", model], say=watch.say)
+                        evaluated.append(model)
+                watch.final_evals(evaluated)
+            finally:
+                watch.close()
     finally:
         if roles is not None:
             roles.close()
     return evaluated
+
+
+def _problems(cfg: Config) -> str:
+    limit = cfg.eval.prompts.limit if cfg.eval.prompts is not None else None
+    return str(limit) if limit else "the"
+
+
+class Watch:
+    """What a person watching a run sees and keeps: the progress line (pipeline/progress.py), the
+    learning curve (eval.every_rounds: the current student evaluated with the rollout engine,
+    results in RUN_DIR/eval/curve/MODEL.json, never redone) and the experiment trackers
+    (pipeline/trackers.py), all fed from what the run directory holds."""
+
+    def __init__(self, run: RunDir, cfg: Config, bar: bool = True) -> None:
+        from pipeline.progress import RunProgress, summary_every
+        from pipeline.trackers import Trackers
+
+        self.run, self.cfg = run, cfg
+        done = [r for r in range(cfg.rounds) if run.student_done(r)]
+        last = _last_record(run, done[-1]) if done else None
+        self.progress = RunProgress(cfg.rounds, _steps_per_round(run, cfg), summary_every(cfg.rounds, cfg.logging.summary_every),
+                                    rounds_done=len(done), global_step=last["global_step"] if last else 0,
+                                    bar=None if bar else False)
+        from pipeline import logs
+
+        log = logs.log_path(run.root, "run") if logs.capturing() else None
+        left = cfg.rounds - len(done)
+        self.say(f"run {run.root}: " + (f"{left} of {cfg.rounds} rounds to go" if done else f"{cfg.rounds} rounds")
+                 + (f", {self.progress.steps_per_round} optimiser steps each" if self.progress.steps_per_round else "")
+                 + (f"; what the stages print: {log}" if log is not None and not logs.is_verbose() else ""))
+        self.trackers = Trackers(run, cfg, self.say)
+        self.trackers.send_rounds()  # whatever earlier calls (or stage commands) trained
+        self.trackers.send_curve()
+        for model, (step, result) in _curve_points(run).items():
+            self.progress.curve_point(model, result, step)
+
+    def say(self, line: str) -> None:
+        self.progress.echo(line)
+
+    def start_round(self, r: int) -> None:
+        self.progress.start_round(r, self.run.stage_dir(r, "train") / "metrics.jsonl")
+
+    def end_round(self, r: int, health, ran: bool, roles: Roles | None) -> None:
+        last = _last_record(self.run, r)
+        every = self.cfg.eval.every_rounds
+        if roles is not None and every and ((r + 1) % every == 0 or r + 1 == self.cfg.rounds):
+            self.curve_point(roles, f"round-{r}", last["global_step"] if last else 0)
+        self.trackers.send_rounds([r])
+        self.progress.end_round(r, health, steps_per_round=last["step"] if last else None,
+                                last_step=last["global_step"] if last else None, ran=ran)
+
+    def curve_point(self, roles: Roles, model: str, step: int | None = None) -> None:
+        """One point of the learning curve, with the rollout engine; skipped where it is done, off,
+        or the engine cannot take the model (a teacher of another architecture)."""
+        ec = self.cfg.eval
+        if not ec.every_rounds or ec.prompts is None:
+            return
+        out = self.run.root / "eval" / "curve" / f"{model}.json"
+        if out.is_file():
+            return
+        from stages.eval import resolve_model, run_eval
+
+        if step is None:
+            step = 0 if model == "base" else self.progress.step
+        sampler = roles.eval_sampler(resolve_model(self.run, self.cfg, model).path)
+        if sampler is None:
+            if model != "teacher":
+                self.say(f"note: the learning curve needs eval.vllm equal to rollout.vllm (the rollout engine "
+                         f"evaluates); {model} is left out")
+            return
+        t0 = time.perf_counter()
+        result = _preemption_not_error(run_eval, self.run, self.cfg, model, sampler=sampler,
+                                       problems=ec.curve_problems, out=out, extra={"global_step": step})
+        with open(out.parent / "timings.jsonl", "a") as f:  # what the curve costs (bench/RESULTS.md)
+            f.write(json.dumps({"model": model, "global_step": step, "wall_s": round(time.perf_counter() - t0, 3),
+                                "sample_s": result["sample_seconds"]}) + "\n")
+        self.progress.curve_point(model, result, step)
+        self.trackers.send_curve()
+        if model in ("base", "teacher"):
+            pk = result["pass_at_k"]
+            top = max(pk, key=int)
+            self.say(f"curve: {model} pass@1 {100 * pk['1']:.1f} pass@{top} {100 * pk[top]:.1f} "
+                     f"({result['problems']} problems x {result['samples']})")
+
+    def close_bar(self) -> None:
+        self.progress.close()
+
+    def final_evals(self, models: list[str]) -> None:
+        results = []
+        for m in models:
+            try:
+                results.append(json.loads((self.run.root / "eval" / f"{m}.json").read_text()))
+            except (OSError, ValueError):
+                pass
+        self.trackers.send_eval_table(results, self.progress.step)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.trackers.close()
+
+
+def _last_record(run: RunDir, r: int) -> dict | None:
+    path = run.stage_dir(r, "train") / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def _steps_per_round(run: RunDir, cfg: Config) -> int | None:
+    """Optimiser steps per round: round 0's logged steps once it is done, else what the config gives."""
+    last = _last_record(run, 0) if run.student_done(0) else None
+    if last is not None:
+        return int(last["step"])
+    if cfg.prompts.prompts_per_round is None:
+        return None
+    rows = cfg.prompts.prompts_per_round * cfg.rollout.n
+    return math.ceil(rows / cfg.train.batch_rows) * cfg.train.epochs
+
+
+def _curve_points(run: RunDir) -> dict:
+    from pipeline.trackers import curve_points
+
+    return curve_points(run)
 
 
 def _preemption_not_error(fn: Callable, *args, **kwargs):

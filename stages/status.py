@@ -80,7 +80,8 @@ def describe_process(pid: int) -> str:
     args = [a for a in args if a]
     for i, a in enumerate(args):
         if a.endswith("eopd-pipe") or a == "pipeline.cli":
-            return f"pid {pid}: eopd-pipe {' '.join(args[i + 1:])}"
+            text = f"pid {pid}: eopd-pipe {' '.join(args[i + 1:])}"
+            return text if len(text) <= 100 else text[:99] + "…"
     return f"pid {pid}: {' '.join([Path(args[0]).name] + args[1:])[:100]}" if args else f"pid {pid}"
 
 
@@ -154,9 +155,142 @@ def train_line(run: RunDir, r: int, held: dict) -> tuple[str, bool]:
     return f"  {'train':<9} stopped at step {last_step or 0} ({ckpt}): the next `train`/`run` {resume}", False
 
 
-def status_text(run: RunDir, health: bool = True) -> str:
+FULL_DETAIL_ROUNDS = 5  # a run with at most this many rounds shows every round in full
+WARNED_MAX = 3  # finished rounds with a warning shown on the compact screen (the newest)
+TREND_ROWS = 10  # the health trend: about this many rows of rounds
+
+
+def _round_block(run: RunDir, r: int, held: dict) -> tuple[list[str], bool, bool]:
+    """(round r's full lines without health, student written, a process works on it)."""
+    lines, busy = [], False
+    for s in STAGES:
+        line, b = stage_line(run, r, s, held)
+        lines.append(line)
+        busy |= b
+    line, b = train_line(run, r, held)
+    lines.append(line)
+    busy |= b
+    done = (run.student_dir(r) / "config.json").is_file()
+    state = "done" if done else "in progress" if busy else "not running (interrupted or waiting)"
+    return [f"round {r}: {state}"] + lines, done, busy
+
+
+def _eval_line(run: RunDir) -> str | None:
+    evals = sorted((run.root / "eval").glob("*.json"))
+    if not evals:
+        return None
+    parts = []
+    for path in evals:
+        try:
+            res = json.loads(path.read_text())
+            pk = res["pass_at_k"]
+            ks = sorted(pk, key=int)
+            parts.append(f"{path.stem} pass@1 {100 * pk['1']:.1f} pass@{ks[-1]} {100 * pk[ks[-1]]:.1f}")
+        except (OSError, ValueError, KeyError, TypeError):
+            parts.append(f"{path.stem} (unreadable)")
+    return "eval: " + " | ".join(parts)
+
+
+def _curve_line(run: RunDir) -> str | None:
+    """The learning curve (eval.every_rounds) in one line: pass@1 at a few of its steps."""
+    points = []
+    for path in (run.root / "eval" / "curve").glob("*.json"):
+        try:
+            res = json.loads(path.read_text())
+            points.append((path.stem, int(res.get("global_step", 0)), 100 * res["pass_at_k"]["1"], res.get("problems")))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if not points:
+        return None
+    ref = {m: p for m, _, p, _ in points if m in ("base", "teacher")}
+    steps = sorted((st, p) for m, st, p, _ in points if m not in ("base", "teacher"))
+    shown = steps if len(steps) <= 6 else [steps[round(i * (len(steps) - 1) / 5)] for i in range(6)]
+    parts = [f"{p:.1f} @{st}" for st, p in shown]
+    extra = "; ".join(f"{m} {p:.1f}" for m, p in sorted(ref.items()))
+    problems = next((n for *_, n in points if n), "?")
+    return (f"curve: student pass@1 {' -> '.join(parts) if parts else '-'}" + (f" ({extra})" if extra else "")
+            + f"; {problems} problems per point")
+
+
+def _mean(values) -> float | None:
+    good = [v for v in values if isinstance(v, (int, float))]
+    return sum(good) / len(good) if good else None
+
+
+def _trend(healths: list) -> list[str]:
+    """The health figures of many rounds as a small table, about TREND_ROWS rows of rounds each."""
+    if not healths:
+        return []
+    size = max(1, -(-len(healths) // TREND_ROWS))
+    rows = []
+    for a in range(0, len(healths), size):
+        group = healths[a:a + size]
+        first, last = group[0].round, group[-1].round
+
+        def fmt(v, f):
+            return "-" if v is None else format(v, f)
+        kl = _mean(h.kl_start for h in group)
+        length = _mean(h.length_fraction for h in group)
+        rows.append([f"{first}-{last}" if first != last else str(first), fmt(kl, ".3f"),
+                     "-" if length is None else f"{100 * length:.0f}%", fmt(_mean(h.student_entropy for h in group), ".3f"),
+                     fmt(_mean(h.gate_fraction for h in group), ".2f"), str(sum(h.nonfinite_steps for h in group))])
+    header = ["rounds", "KL at start", "at max_tokens", "H(student)", "gate", "non-finite steps"]
+    widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in [header] + rows]
+    return ["health (mean over each row's rounds; `--round R` for one round):"] + ["  " + line for line in lines]
+
+
+def _collapsed(run: RunDir, rounds: list[int]) -> str:
+    """The finished rounds in one line: their shards, rows, size and steps."""
+    shards = rows = steps = 0
+    mib = 0.0
+    for r in rounds:
+        for stage in STAGES:
+            try:
+                data = Manifest(run.stage_dir(r, stage)).read()
+            except UserError:
+                continue
+            shards += len(data["shards"])
+            if stage == "rollouts":
+                rows += sum(x["rows"] for x in data["shards"].values())
+            mib += sum(x["bytes"] for x in data["shards"].values()) / 2**20
+        steps += _logged_steps(run, r)
+    span = _spans(rounds)
+    return (f"rounds {span}: done ({len(rounds)} round(s): {shards} shards, {rows:,} responses, {mib:,.1f} MiB; "
+            f"{steps:,} optimiser steps; every student written)")
+
+
+def _logged_steps(run: RunDir, r: int) -> int:
+    path = run.stage_dir(r, "train") / "metrics.jsonl"
+    try:
+        for line in reversed(path.read_text().splitlines()):
+            try:
+                return int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    except OSError:
+        pass
+    return 0
+
+
+def _spans(rounds: list[int]) -> str:
+    """[0, 1, 2, 5, 6] -> '0-2, 5-6'."""
+    out, start = [], None
+    for i, r in enumerate(rounds):
+        if start is None:
+            start = r
+        if i + 1 == len(rounds) or rounds[i + 1] != r + 1:
+            out.append(f"{start}-{r}" if r != start else str(r))
+            start = None
+    return ", ".join(out)
+
+
+def status_text(run: RunDir, health: bool = True, round_index: int | None = None, show_all: bool = False) -> str:
     """The whole screen. With `health`, each round's health figures and warnings (reads two columns
-    of the round's shards)."""
+    of the round's shards). Runs of up to FULL_DETAIL_ROUNDS rounds, `show_all` and `round_index`
+    show rounds in full; longer runs show the finished rounds in one line, the health figures as a
+    trend table, and in full only the rounds in progress, interrupted or with a warning."""
     if not run.config_path.is_file():
         return f"{run.root}: no run here yet (no config.yaml)"
     try:
@@ -166,41 +300,56 @@ def status_text(run: RunDir, health: bool = True) -> str:
     except Exception:  # a broken config.yaml is the stage commands' to report, with the key and the fix
         planned = None
     rounds = run.rounds_present()
-    out = [f"run {run.root}" + (f": {len(rounds)} of {planned} round(s) started" if planned else "")]
+    if round_index is not None:
+        if round_index not in rounds:
+            raise UserError(f"--round {round_index}: {run.round_dir(round_index)} does not exist "
+                            f"(rounds present: {_spans(rounds) or 'none'})")
+        rounds_shown = [round_index]
+    else:
+        rounds_shown = rounds
+    done_count = sum((run.student_dir(r) / "config.json").is_file() for r in rounds)
+    out = [f"run {run.root}" + (f": {len(rounds)} of {planned} round(s) started" if planned else "")
+           + (f", {done_count} done" if rounds and round_index is None else "")]
     if not rounds:
         out.append("  no round started")
     held = lock_holders()
-    prev = round_health(run.root, rounds[0] - 1) if health and rounds and rounds[0] > 0 else None
-    for r in rounds:
-        lines, busy = [], False
-        for s in STAGES:
-            line, b = stage_line(run, r, s, held)
-            lines.append(line)
-            busy |= b
-        line, b = train_line(run, r, held)
-        lines.append(line)
-        busy |= b
-        done = (run.student_dir(r) / "config.json").is_file()
-        state = "done" if done else "in progress" if busy else "not running (interrupted or waiting)"
-        out.append(f"round {r}: {state}")
-        out += lines
+    full = show_all or round_index is not None or len(rounds) <= FULL_DETAIL_ROUNDS
+    first = rounds_shown[0] if rounds_shown else 0
+    prev = round_health(run.root, first - 1) if health and rounds_shown and first > 0 else None
+    collapsed, detail, warned, healths = [], [], [], []
+    for r in rounds_shown:
+        block, done, busy = _round_block(run, r, held)
+        warnings = []
         if health:
             h = round_health(run.root, r)
-            out.append(f"  {'health':<9} {h.summary()}")
-            out += [f"  warning: {w}" for w in health_warnings(h, prev)]
+            block.append(f"  {'health':<9} {h.summary()}")
+            warnings = health_warnings(h, prev)
+            block += [f"  warning: {w}" for w in warnings]
             prev = h
-    evals = sorted((run.root / "eval").glob("*.json"))
-    if evals:
-        parts = []
-        for path in evals:
-            try:
-                res = json.loads(path.read_text())
-                pk = res["pass_at_k"]
-                ks = sorted(pk, key=int)
-                parts.append(f"{path.stem} pass@1 {100 * pk['1']:.1f} pass@{ks[-1]} {100 * pk[ks[-1]]:.1f}")
-            except (OSError, ValueError, KeyError, TypeError):
-                parts.append(f"{path.stem} (unreadable)")
-        out.append("eval: " + " | ".join(parts))
+            healths.append(h)
+        if full or not done or busy:
+            detail.append((r, block))
+        elif warnings:  # finished: its figures and warnings, not its stages
+            warned.append((r, [block[0]] + block[1 + len(STAGES) + 1:]))
+        else:
+            collapsed.append(r)
+    if full:
+        for _, block in detail:
+            out += block
+    else:
+        if collapsed:
+            out.append(_collapsed(run, collapsed))
+        out += _trend(healths)
+        hidden = warned[:-WARNED_MAX]
+        if hidden:
+            out.append(f"{len(hidden)} more finished round(s) with a warning: {_spans([r for r, _ in hidden])} "
+                       f"(`--round R` or `--all`)")
+        for _, block in warned[-WARNED_MAX:] + detail:
+            out += block
+    if round_index is None:
+        for line in (_curve_line(run), _eval_line(run)):
+            if line:
+                out.append(line)
     return "\n".join(out)
 
 
