@@ -281,6 +281,130 @@ def compare(run_dirs, out_dir):
     click.echo(f"plot: {png}")
 
 
+LAUNCH_TARGETS = ("rollout", "score-teacher", "train", "run")
+
+
+def launch_options(f):
+    """What every `launch ENGINE` command shares: TARGET RUN_DIR, the config options, --round, --workers."""
+    f = click.option("--workers", type=int, default=1, show_default=True,
+                     help="Workers per sharded stage (rollout, score-teacher): worker i does shards i, i+N, ...")(f)
+    f = click.option("--round", "round_index", type=int, default=0, show_default=True,
+                     help="Round of a single-stage TARGET (ignored for `run`, which does every round).")(f)
+    f = stage_options(f)  # RUN_DIR, --config, --set, --allow-config-change
+    return click.argument("target", type=click.Choice(LAUNCH_TARGETS))(f)
+
+
+def launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers, freeze=True):
+    """The run's config (checked, and frozen into RUN_DIR unless `freeze` is off) and the jobs of
+    TARGET that RUN_DIR's records do not show as done."""
+    from pipeline.executors import plan_jobs
+    from pipeline.models import check_model_dir
+    from pipeline.rundir import freeze_config
+
+    run = RunDir(run_dir)
+    cfg = resolve_config(run, config_path, overrides)
+    check_model_dir(cfg.student.path, "student")
+    check_model_dir(cfg.teacher.path, "teacher")
+    if freeze:  # every worker then reads RUN_DIR/config.yaml: the jobs carry no --config of their own
+        cfg = freeze_config(run, cfg, allow_config_change)
+    return run, cfg, plan_jobs(run, cfg.rounds, target, round_index, workers)
+
+
+@main.group(context_settings=CONTEXT)
+def launch() -> None:
+    """Hand stages to an engine that already schedules work: local processes, Slurm job arrays,
+    Ray actors. eopd-pipe never schedules itself: each engine only decides which worker takes which
+    shards and brings back a lost one; RUN_DIR's records say what is done, so any launch (or a
+    plain stage command) resumes what another began.
+
+    \b
+    TARGET: rollout | score-teacher | train (one round, --round R) | run (every round, then eval
+    and report; only the stages not yet done are launched).
+    """
+
+
+@launch.command("local", context_settings=CONTEXT)
+@launch_options
+@handle_errors
+def launch_local(target, run_dir, config_path, overrides, allow_config_change, round_index, workers):
+    """Worker i of N as a process on this machine (`STAGE --worker i/N`), the N side by side, one
+    job after another. A lost worker: run the same command again."""
+    from pipeline.executors.local import LocalExecutor
+
+    run, cfg, jobs = launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers)
+    if not jobs:
+        click.echo(f"{target}: already done in {run.root}")
+    LocalExecutor(run, cfg).launch(jobs, echo=lambda line: click.secho(line, fg="cyan", err=True))
+
+
+@launch.command("slurm", context_settings=CONTEXT)
+@launch_options
+@click.option("--array-parallelism", type=int, help="At most K tasks of an array at once (sbatch --array=0-N%K).")
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="[STAGE:]ARG",
+              help="An sbatch option for every job, e.g. --sbatch-arg=--partition=gpu; STAGE: for one stage's jobs "
+                   "only, e.g. --sbatch-arg=train:--gres=gpu:4 (STAGE: rollout, score-teacher, train, finish). Repeatable.")
+@click.option("--signal-seconds", type=int, default=120, show_default=True,
+              help="SIGTERM this long before the time limit (--signal=B:TERM@S): the task stops cleanly and requeues itself.")
+@click.option("--dry-run", is_flag=True, help="Print the batch scripts and sbatch commands; submit and write nothing.")
+@handle_errors
+def launch_slurm(target, run_dir, config_path, overrides, allow_config_change, round_index, workers,
+                 array_parallelism, sbatch_args, signal_seconds, dry_run):
+    """Submit TARGET as sbatch job arrays, once: task i of N runs the stage with
+    `--worker $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`; each job waits for the previous one
+    (afterok: rollout -> score-teacher -> train -> next round). `--requeue` and a SIGTERM before the
+    time limit bring back a preempted or timed-out task, which resumes from RUN_DIR. Scripts and
+    logs: RUN_DIR/logs/slurm/. Follow it with `eopd-pipe status RUN_DIR` (or squeue)."""
+    from pipeline.executors.slurm import SlurmExecutor
+
+    run, cfg, jobs = launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers,
+                                 freeze=not dry_run)
+    if not jobs:
+        click.echo(f"{target}: already done in {run.root}; nothing to submit")
+        return
+    SlurmExecutor(run, cfg, array_parallelism, sbatch_args, signal_seconds).launch(jobs, dry_run=dry_run, echo=click.echo)
+
+
+@launch.command("ray", context_settings=CONTEXT)
+@launch_options
+@click.option("--address", help="The Ray cluster to join (ray.init address, e.g. auto or ray://HEAD:10001). "
+                                "Default: RAY_ADDRESS, else a new Ray instance on this machine.")
+@click.option("--cpus-per-worker", type=float, default=1, show_default=True, help="CPUs each worker actor reserves.")
+@click.option("--gpus-per-worker", type=float, default=0, show_default=True,
+              help="GPUs each worker actor reserves (1: one actor per GPU, holding that GPU's engine).")
+@handle_errors
+def launch_ray(target, run_dir, config_path, overrides, allow_config_change, round_index, workers, address,
+               cpus_per_worker, gpus_per_worker):
+    """Run a sharded stage (rollout, score-teacher) on a Ray cluster: --workers long-lived actors,
+    each holding the stage's engine (the vLLM sampler, the loaded teacher), and this driver handing
+    shard indices to whichever actor is free. An actor lost with its node is rebuilt by Ray
+    (max_restarts=-1) and its shard retried there (max_task_retries=-1); a restarted driver re-reads
+    RUN_DIR's records and hands out only what they lack. Needs the `ray` extra."""
+    from pipeline.executors.ray import RayExecutor
+    from stages.launch import ShardEngine
+
+    if target not in ("rollout", "score-teacher"):
+        raise UserError(f"`eopd-pipe launch ray` runs rollout or score-teacher; for {target} use "
+                        f"`eopd-pipe {target} RUN_DIR` or `eopd-pipe launch slurm {target} RUN_DIR`")
+    run, cfg, jobs = launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers)
+    if not jobs:
+        click.echo(f"{target}: round {round_index} already done in {run.root}")
+        return
+    executor = RayExecutor(run, cfg, ShardEngine, workers, address, cpus_per_worker, gpus_per_worker)
+    try:
+        for stage_run in executor.launch(jobs):
+            hosts = sorted({describe_host(r["worker"]) for r in stage_run.results if r["done_now"]})
+            click.echo(f"{stage_run.job}: {len(stage_run.shards_done)} shard(s) done now on {len(hosts)} worker(s) "
+                       f"({'; '.join(hosts)}) in {stage_run.wall_seconds:.1f} s; stage complete")
+    finally:
+        executor.shutdown()
+
+
+def describe_host(ident: dict) -> str:
+    from pipeline.identity import describe_worker
+
+    return describe_worker(ident)
+
+
 @main.command("make-toy", context_settings=CONTEXT)
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--quick", is_flag=True, help="Untrained tiny models in seconds (for tests), instead of the trained demo teacher.")
