@@ -354,8 +354,14 @@ def launch_slurm(target, run_dir, config_path, overrides, allow_config_change, r
     (afterok: rollout -> score-teacher -> train -> next round). `--requeue` and a SIGTERM before the
     time limit bring back a preempted or timed-out task, which resumes from RUN_DIR. Scripts and
     logs: RUN_DIR/logs/slurm/. Follow it with `eopd-pipe status RUN_DIR` (or squeue)."""
-    from pipeline.executors.slurm import SlurmExecutor
+    from pipeline.executors.slurm import SlurmExecutor, check_slurm_tools, parse_sbatch_arg
 
+    for arg in sbatch_args:  # the user's mistakes are told before RUN_DIR is touched
+        parse_sbatch_arg(arg)
+    if array_parallelism is not None and array_parallelism < 1:
+        raise UserError(f"--array-parallelism {array_parallelism}: need at least 1")
+    if not dry_run:
+        check_slurm_tools()
     run, cfg, jobs = launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers,
                                  freeze=not dry_run)
     if not jobs:

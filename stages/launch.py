@@ -50,7 +50,7 @@ class ShardEngine:
         summary = self._call(round_index, Only(frozenset([i])))
         return {"shard": i, "done_now": summary.done_now, "done_before": summary.done_before,
                 "busy": summary.busy_elsewhere, "seconds": time.perf_counter() - t0,
-                "engine_seconds": summary.engine_seconds, "load_seconds": summary.load_seconds,
+                "compute_seconds": summary.seconds, "engine_seconds": summary.engine_seconds, "load_seconds": summary.load_seconds,
                 "worker": worker_identity()}
 
     def _call(self, r: int, worker: Only):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI_ENV, REPO, TRAIN, run_cli, spawn_cli, write_config
+from conftest import CLI_ENV, REPO, TRAIN, cli_cmd, run_cli, write_config
 
 from pipeline.shards import sha256_file
 
@@ -137,26 +137,85 @@ def test_dry_run_prints_the_chained_arrays_and_writes_nothing(toy, tmp_path):
     assert not run.exists()
     bad = run_cli("launch", "slurm", "run", run, "--config", cfg, "--sbatch-arg=partition=gpu", "--dry-run")
     assert bad.returncode == 2 and "--sbatch-arg 'partition=gpu'" in bad.stderr
+    # No Slurm here: one message, and RUN_DIR untouched.
+    res = run_cli("launch", "slurm", "run", run, "--config", cfg, env={"PATH": "/nonexistent"})
+    assert res.returncode == 2 and "`sbatch` is not on PATH" in res.stderr and not run.exists(), res.stderr[-2000:]
 
 
-def test_run_submitted_once_with_a_task_requeued_mid_shard_equals_the_local_run(slurm, toy, tmp_path):
-    cfg = write_config(tmp_path / "cfg.yaml", toy, rounds=2,
-                       prompts={"path": str(toy.train_prompts), "limit": 12, "prompts_per_round": 8},
-                       rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 2,
-                                "vllm": {"enforce_eager": True, "dtype": "float32"}},
-                       score_teacher={"top_k": 8}, train=TRAIN)
-    ref = tmp_path / "ref"
-    local = spawn_cli("run", ref, "--config", cfg)  # the reference, beside the cluster's run
+CONFIG = dict(rounds=2, prompts={"limit": 12, "prompts_per_round": 8},
+              rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 2, "vllm": {"enforce_eager": True, "dtype": "float32"}},
+              score_teacher={"top_k": 8}, train=TRAIN)
 
+
+def config(toy, path: Path) -> Path:
+    sections = {**CONFIG, "prompts": {"path": str(toy.train_prompts), **CONFIG["prompts"]}}
+    return write_config(path, toy, **sections)
+
+
+@pytest.fixture(scope="module")
+def reference(toy, tmp_path_factory):
+    """The same run on this machine (`eopd-pipe run`), started at once beside the cluster's jobs;
+    `wait()` gives its run dir."""
+    tmp = tmp_path_factory.mktemp("reference")
+    # Not conftest's spawn: that one is ended after each test, and this serves the whole module.
+    proc = subprocess.Popen(cli_cmd("run", tmp / "ref", "--config", config(toy, tmp / "cfg.yaml")), cwd=REPO,
+                            env={**os.environ, **CLI_ENV, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    class Reference:
+        def wait(self) -> Path:
+            if proc.returncode is None:
+                _, err = proc.communicate(timeout=1800)
+                assert proc.returncode == 0, err[-3000:]
+            return tmp / "ref"
+    yield Reference()
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def launch(slurm: dict, *args, env: dict | None = None) -> list[dict]:
+    """`eopd-pipe launch slurm ARGS`; returns RUN_DIR/logs/slurm/jobs.jsonl."""
+    res = subprocess.run(["python3", "-m", "pipeline.cli", "launch", "slurm", *map(str, args)], cwd=REPO,
+                         env={**slurm, **CLI_ENV, "PYTHONPATH": str(REPO), **(env or {})}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = Path(args[1])
+    return [json.loads(line) for line in (run / "logs" / "slurm" / "jobs.jsonl").read_text().splitlines()]
+
+
+def wait_until_gone(slurm: dict, jobs: list[dict], timeout: float) -> None:
+    ids = {j["slurm_job_id"] for j in jobs}
+    wait_for(lambda: not ids & set(_sh(slurm, "squeue", "-h", "-r", "-o", "%F").split()), "the jobs to end", timeout)
+
+
+def test_a_task_warned_before_its_time_limit_requeues_itself_and_resumes(slurm, toy, reference, tmp_path):
+    """--time=1 with the warning 50 s before it: the stage gets SIGTERM ~10 s in, stops cleanly and the
+    batch script requeues the task (the job still RUNNING: not Slurm's own requeue); given time, it
+    comes back and finishes the stage exactly as on this machine."""
+    run = tmp_path / "run"
+    jobs = launch(slurm, "rollout", run, "--config", config(toy, tmp_path / "cfg.yaml"), "--workers", "1",
+                  "--sbatch-arg=--time=1", "--signal-seconds", "50")
+    task = f"{jobs[0]['slurm_job_id']}_0"
+    log = run / "logs" / "slurm" / f"r0000-rollout-{task}.out"
+    wait_for(lambda: log.is_file() and "requeueing" in log.read_text(), "the task to requeue itself", 300)
+    wait_for(lambda: _sh(slurm, "squeue", "-h", "-j", task, "-o", "%T") == "PENDING", "the requeued task", 120)
+    assert subprocess.run(["scontrol", "update", f"jobid={task}", "TimeLimit=UNLIMITED", "starttime=now"],
+                          env=slurm).returncode == 0
+    wait_until_gone(slurm, jobs, 900)
+    text = log.read_text()
+    assert "restart 1" in text and "stage complete" in text, text[-3000:]
+    ref = reference.wait()
+    stage = "round-0000/rollouts"
+    assert digests(run) == {k: v for k, v in digests(ref).items() if k.startswith(stage)}
+    assert manifests(run) == {k: v for k, v in manifests(ref).items() if k.startswith(stage)}
+
+
+def test_run_submitted_once_with_a_task_requeued_mid_shard_equals_the_local_run(slurm, toy, reference, tmp_path):
     run = tmp_path / "run"
     # Rollout shard 1 (task 1 of 2: shards 1 and 3) pauses after vLLM computed it, before it is
     # written: requeued there, the task abandons it and does it again when it comes back.
-    env = {**CLI_ENV, "SLURM_CONF": slurm["SLURM_CONF"], "PYTHONPATH": str(REPO),
-           "EOPD_TEST_PAUSE": "rollouts.shard_compute:1:25"}
-    res = subprocess.run(["python3", "-m", "pipeline.cli", "launch", "slurm", "run", str(run), "--config", str(cfg),
-                          "--workers", "2"], cwd=REPO, env={**slurm, **env}, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
-    jobs = [json.loads(line) for line in (run / "logs" / "slurm" / "jobs.jsonl").read_text().splitlines()]
+    jobs = launch(slurm, "run", run, "--config", config(toy, tmp_path / "cfg.yaml"), "--workers", "2",
+                  env={"EOPD_TEST_PAUSE": "rollouts.shard_compute:1:25"})
     assert [j["job"] for j in jobs] == ["r0000-rollout", "r0000-score-teacher", "r0000-train", "r0001-rollout",
                                         "r0001-score-teacher", "r0001-train", "finish"]
     array = jobs[0]["slurm_job_id"]
@@ -169,13 +228,12 @@ def test_run_submitted_once_with_a_task_requeued_mid_shard_equals_the_local_run(
     wait_for(lambda: _sh(slurm, "squeue", "-h", "-j", f"{array}_1", "-o", "%T") == "PENDING", "the requeued task", 120)
     assert subprocess.run(["scontrol", "update", f"jobid={array}_1", "starttime=now"], env=slurm).returncode == 0
 
-    ids = {j["slurm_job_id"] for j in jobs}
-    wait_for(lambda: not ids & set(_sh(slurm, "squeue", "-h", "-r", "-o", "%F").split()), "the run's jobs", 1800)
+    wait_until_gone(slurm, jobs, 1800)
     text = log.read_text()
     assert "restart 0" in text and "restart 1" in text and "preempted (SIGTERM)" in text
     finish = next((run / "logs" / "slurm").glob("finish-*_0.out")).read_text()
     assert "plot:" in finish, finish[-2000:]
-    assert local.wait(timeout=1800) == 0, local.stderr.read()[-3000:]
+    ref = reference.wait()
 
     assert len(digests(run)) == 4 + 4 + 4 + 4 + 2
     assert digests(run) == digests(ref)

@@ -4,10 +4,11 @@ Task i of an array of N runs the stage with `--worker i/N` (i = SLURM_ARRAY_TASK
 shard has one owner, with no coordination beyond the run directory. How a lost task comes back:
   - `--requeue`: a preempted task, or one whose node failed, is put back in the queue by Slurm and
     runs the same command again; the stage redoes only the shards its records lack.
-  - `--signal=B:TERM@120`: 120 s before the time limit the batch shell gets SIGTERM and passes it
-    to the stage, which abandons (or finishes writing) its shard and exits 143. The job still being
-    RUNNING then means the time limit, not a requeue or scancel (both leave it COMPLETING): the
-    script requeues its own task, which resumes from the records.
+  - `--signal=B:TERM@120`: 120 s before the time limit the batch shell alone gets SIGTERM and
+    passes it to the stage, which abandons (or finishes writing) its shard and exits 143; the script
+    then requeues its own task, which resumes from the records. The job still being RUNNING tells
+    this warning apart from Slurm's own requeue, a preemption or scancel, which leave it COMPLETING
+    and have signalled the stage already.
   - `afterok`: round r's score-teacher starts once every rollout task of round r exited 0, and so
     on (rollout -> score-teacher -> train -> the next round's rollout); a requeued task keeps its
     dependents waiting. `--kill-on-invalid-dep=yes`: a job whose upstream failed is cancelled
@@ -32,7 +33,6 @@ from pipeline.rundir import RunDir, atomic_write_text
 from pipeline.config import Config
 
 WORKER_EXPR = "${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}"
-PREEMPTED_EXIT = 143  # pipeline.errors.Preempted.exit_code: the stage stopped on SIGTERM
 JOB_STAGES = ("rollout", "score-teacher", "train", "finish")
 
 
@@ -76,14 +76,18 @@ class SlurmExecutor(Executor):
             ' on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"',
             f"{cmd} &",
             "stage=$!",
-            "# --signal=B:TERM reaches only this shell: pass it on to the stage.",
-            "trap 'kill -TERM \"$stage\" 2>/dev/null' TERM",
+            "# --signal=B:TERM (the time limit's warning) reaches only this shell: pass it on to the stage. A requeue,",
+            "# preemption or scancel signals every process of the job (the job then no longer RUNNING): the stage has it.",
+            "running() { [ \"$(squeue -h -j \"$SLURM_JOB_ID\" -o %T 2>/dev/null)\" = RUNNING ]; }",
+            "warned=",
+            "trap 'running && warned=1 && kill -TERM \"$stage\" 2>/dev/null' TERM",
             "while :; do",
             '  wait "$stage"; code=$?',
             '  kill -0 "$stage" 2>/dev/null || break  # still there: the wait was cut short by the trap',
             "done",
-            f'if [ "$code" = {PREEMPTED_EXIT} ] && [ "$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null)" = RUNNING ]; then',
-            "  # SIGTERM with the job still RUNNING: the time limit's warning. Requeue this task to resume.",
+            'if [ "$code" != 0 ] && [ -n "$warned" ] && running; then',
+            "  # Stopped by the time limit's warning (exit 143; or killed by it before its handler was set up).",
+            "  # Requeue this task: it resumes from the records.",
             '  echo "eopd-pipe: stopped before the time limit; requeueing ${SLURM_JOB_ID}"',
             '  scontrol requeue "$SLURM_JOB_ID"',
             "fi",
@@ -95,10 +99,7 @@ class SlurmExecutor(Executor):
         """Submit `jobs` in order, each after the previous one (afterok). Returns the job ids
         (dry run: prints the scripts and the sbatch commands, submits and writes nothing)."""
         if not dry_run:
-            for tool in ("sbatch", "squeue", "scontrol"):
-                if shutil.which(tool) is None:
-                    raise UserError(f"`{tool}` is not on PATH: run `eopd-pipe launch slurm` on a Slurm login node "
-                                    f"(or add Slurm's bin directory to PATH)")
+            check_slurm_tools()
             self.log_dir.mkdir(parents=True, exist_ok=True)
         ids: list[str] = []
         previous: str | None = None
@@ -125,6 +126,13 @@ class SlurmExecutor(Executor):
                                     "workers": job.workers, "after": ids[-2] if len(ids) > 1 else None}) + "\n")
             echo(f"submitted {job.name}: job {previous} ({job.workers} task(s)), log {self.log_dir}/{job.name}-{previous}_*.out")
         return ids
+
+
+def check_slurm_tools() -> None:
+    for tool in ("sbatch", "squeue", "scontrol"):
+        if shutil.which(tool) is None:
+            raise UserError(f"`{tool}` is not on PATH: run `eopd-pipe launch slurm` on a Slurm login node "
+                            f"(or add Slurm's bin directory to PATH)")
 
 
 def parse_sbatch_arg(text: str) -> tuple[str | None, str]:
