@@ -380,35 +380,28 @@ def launch_slurm(target, run_dir, config_path, overrides, allow_config_change, r
 @handle_errors
 def launch_ray(target, run_dir, config_path, overrides, allow_config_change, round_index, workers, address,
                cpus_per_worker, gpus_per_worker):
-    """Run a sharded stage (rollout, score-teacher) on a Ray cluster: --workers long-lived actors,
-    each holding the stage's engine (the vLLM sampler, the loaded teacher), and this driver handing
-    shard indices to whichever actor is free. An actor lost with its node is rebuilt by Ray
-    (max_restarts=-1) and its shard retried there (max_task_retries=-1); a restarted driver re-reads
-    RUN_DIR's records and hands out only what they lack. Needs the `ray` extra."""
+    """Run TARGET on a Ray cluster. A sharded stage: --workers long-lived actors, each holding the
+    stage's engine (the vLLM sampler, the loaded teacher), this driver handing shard indices to
+    whichever actor is free. `run`: the rollout, teacher and trainer roles as actors kept for the
+    whole run (each new student's weights loaded in place from RUN_DIR), then eval and report as a
+    task. An actor lost with its node is rebuilt by Ray (max_restarts=-1) and its call retried there
+    (max_task_retries=-1); a restarted driver re-reads RUN_DIR's records and redoes only what they
+    lack. Needs the `ray` extra."""
     from pipeline.executors.ray import RayExecutor
-    from stages.launch import ShardEngine
+    from stages.launch import ShardEngine, TrainEngine, run_command
 
-    if target not in ("rollout", "score-teacher"):
-        raise UserError(f"`eopd-pipe launch ray` runs rollout or score-teacher; for {target} use "
-                        f"`eopd-pipe {target} RUN_DIR` or `eopd-pipe launch slurm {target} RUN_DIR`")
     run, cfg, jobs = launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers)
     if not jobs:
-        click.echo(f"{target}: round {round_index} already done in {run.root}")
+        click.echo(f"{target}: already done in {run.root}")
         return
-    executor = RayExecutor(run, cfg, ShardEngine, workers, address, cpus_per_worker, gpus_per_worker)
+    executor = RayExecutor(run, cfg, ShardEngine, workers, address, cpus_per_worker, gpus_per_worker,
+                           trainer=TrainEngine, command=run_command)
     try:
-        for stage_run in executor.launch(jobs):
-            hosts = sorted({describe_host(r["worker"]) for r in stage_run.results if r["done_now"]})
-            click.echo(f"{stage_run.job}: {len(stage_run.shards_done)} shard(s) done now on {len(hosts)} worker(s) "
-                       f"({'; '.join(hosts)}) in {stage_run.wall_seconds:.1f} s; stage complete")
+        runs = executor.launch(jobs, echo=click.echo)
     finally:
         executor.shutdown()
-
-
-def describe_host(ident: dict) -> str:
-    from pipeline.identity import describe_worker
-
-    return describe_worker(ident)
+    if runs and runs[-1].job == "finish":
+        click.echo(runs[-1].results[0]["stdout"].rstrip())
 
 
 @main.command("make-toy", context_settings=CONTEXT)

@@ -84,3 +84,32 @@ class ShardEngine:
         if self._sampler is not None:
             self._sampler.close()
         self._sampler = self._teacher = None
+
+
+class TrainEngine:
+    """The trainer role (a Ray actor holds one): model, optimiser and RNG kept in memory across
+    rounds, as in the persistent `run`; rebuilt after a lost node, it resumes from the newest
+    checkpoint in the run directory."""
+
+    def __init__(self, run_dir: str) -> None:
+        from stages.train import Trainer
+
+        run = RunDir(run_dir)
+        self.trainer = Trainer(run, load_config(run.config_path, ()))
+
+    def train(self, round_index: int) -> dict[str, Any]:
+        from pipeline.identity import worker_identity
+
+        s = self.trainer.train_round(round_index)
+        return {"steps_done_now": s.steps_done_now, "student": str(s.student_dir), "worker": worker_identity()}
+
+
+def run_command(argv: list[str]) -> dict[str, Any]:
+    """`python -m pipeline.cli ARGV` where this function runs (a Ray task: eval and report at the end of a run)."""
+    import subprocess
+    import sys
+
+    from pipeline.identity import worker_identity
+
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True)
+    return {"returncode": res.returncode, "stdout": res.stdout, "stderr": res.stderr[-4000:], "worker": worker_identity()}

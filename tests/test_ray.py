@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI_ENV, REPO, run_cli, spawn_cli, write_config
+from conftest import CLI_ENV, REPO, TRAIN, run_cli, spawn_cli, write_config
 
 from pipeline.shards import sha256_file
 
@@ -114,3 +114,42 @@ def test_shard_stages_on_actors_survive_a_lost_node_and_equal_the_local_stages(c
     # Done by the records: launched again, nothing is handed out.
     again = run_cli("launch", "ray", "score-teacher", run, "--workers", "2", "--address", cluster.address)
     assert again.returncode == 0 and "already done" in again.stdout, again.stderr[-3000:]
+
+
+def losses(run: Path) -> list[tuple]:
+    return [(m["round"], m["step"], m["loss"]) for p in sorted(run.glob("round-*/train/metrics.jsonl"))
+            for m in map(json.loads, p.read_text().splitlines())]
+
+
+def test_persistent_run_on_ray_equals_the_local_persistent_run(cluster, toy, tmp_path):
+    """`launch ray run`: the rollout and teacher pools (2 actors each) and the trainer actor live for
+    the whole run, the rollout engines taking round 0's student in place, then eval and report as a
+    task; 2 rounds equal to `eopd-pipe run` on this machine, shard for shard and loss for loss."""
+    cfg = write_config(tmp_path / "cfg.yaml", toy, rounds=2,
+                       prompts={"path": str(toy.train_prompts), "limit": 12, "prompts_per_round": 8},
+                       rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 2,
+                                "vllm": {"enforce_eager": True, "dtype": "float32"}},
+                       score_teacher={"top_k": 8}, train=TRAIN)
+    ref = tmp_path / "ref"
+    res = run_cli("run", ref, "--config", cfg)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    # Logical CPUs: five actors (2 + 2 + the trainer) on the two one-CPU nodes.
+    res = run_cli("launch", "ray", "run", run, "--config", cfg, "--workers", "2", "--cpus-per-worker", "0.3",
+                  "--address", cluster.address)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for job in ("r0000-rollout", "r0000-score-teacher", "r0000-train", "r0001-rollout", "r0001-train", "finish"):
+        assert f"{job}: " in res.stdout, res.stdout
+    assert "plot:" in res.stdout
+    assert len(digests_run(run)) == 18 and digests_run(run) == digests_run(ref)
+    assert manifests_run(run) == manifests_run(ref)
+    assert losses(run) == losses(ref)
+
+
+def digests_run(run: Path) -> dict[str, str]:
+    files = sorted(run.glob("round-*/*/part-*.parquet")) + sorted(run.glob("round-*/student/model.safetensors"))
+    return {str(p.relative_to(run)): sha256_file(p) for p in files}
+
+
+def manifests_run(run: Path) -> dict[str, dict]:
+    return {str(p.relative_to(run)): json.loads(p.read_text()) for p in sorted(run.glob("round-*/*/manifest.json"))}

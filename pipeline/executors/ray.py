@@ -52,10 +52,13 @@ class RayExecutor(Executor):
 
     def __init__(self, run: RunDir, cfg: Config, engine: Callable[[str, str], Any], workers: int,
                  address: str | None = None, cpus_per_worker: float = 1, gpus_per_worker: float = 0,
-                 poll_seconds: float = 1.0) -> None:
+                 poll_seconds: float = 1.0, trainer: Callable[[str], Any] | None = None,
+                 command: Callable[[list[str]], dict] | None = None) -> None:
         super().__init__(run, cfg)
         self.ray = require_extra("ray", "ray", "eopd-pipe launch ray")
         self.engine, self.workers = engine, workers
+        self.trainer, self.command_fn = trainer, command  # the trainer role's factory; how "finish" runs a command
+        self._trainer = None
         self.address, self.cpus, self.gpus = address, cpus_per_worker, gpus_per_worker
         self.poll_seconds = poll_seconds
         self._actors: dict[str, list] = {}  # stage -> its actors, kept across rounds (engines stay loaded)
@@ -73,15 +76,46 @@ class RayExecutor(Executor):
                                    for _ in range(self.workers)]
         return self._actors[stage]
 
-    def launch(self, jobs: Sequence[Job]) -> list[StageRun]:
+    def launch(self, jobs: Sequence[Job], echo: Callable[[str], None] = lambda line: None) -> list[StageRun]:
+        """Each job in order: sharded stages on the stage's actor pool (kept across rounds: each engine
+        loads once, a new round's student in place), training on the trainer actor (model and
+        optimiser kept across rounds), "finish" (eval and report) as a task once the pools are freed."""
         runs = []
         for job in jobs:
-            if not job.sharded:
-                raise UserError(f"`eopd-pipe launch ray` runs the sharded stages (rollout, score-teacher); "
-                                f"{job.name} is not one: run it with `eopd-pipe {' '.join(job.args(self.run))}` "
-                                f"(or `eopd-pipe launch slurm`)")
-            runs.append(self.run_sharded(job))
+            if job.sharded:
+                runs.append(self.run_sharded(job))
+            elif job.stage == "train":
+                runs.append(self.run_train(job))
+            else:
+                runs.append(self.run_finish(job))
+            echo(summarize(runs[-1]))
         return runs
+
+    def run_train(self, job: Job) -> StageRun:
+        if self.trainer is None or self.cfg.train.processes > 1:
+            raise UserError(f"`eopd-pipe launch ray` trains on one process per run (the trainer actor); for "
+                            f"train.processes > 1 run `eopd-pipe {' '.join(job.args(self.run))}` under torchrun, "
+                            f"or `eopd-pipe launch slurm`")
+        self.connect()
+        t0 = time.perf_counter()
+        if self._trainer is None:
+            cls = self.ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=-1, max_task_retries=-1)(TrainerActor)
+            self._trainer = cls.remote(self.trainer, str(self.run.root))
+        result = self._get(self._trainer.train.remote(job.round))
+        return StageRun(job.name, [result], time.perf_counter() - t0)
+
+    def run_finish(self, job: Job) -> StageRun:
+        """Eval and report (`eopd-pipe run` once every round is done) as one Ray task on a worker's
+        resources, after the role actors are gone (their memory goes to eval's engine)."""
+        self.connect()
+        self.shutdown()
+        t0 = time.perf_counter()
+        task = self.ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=-1)(self.command_fn)
+        result = self._get(task.remote(job.args(self.run)))
+        if result["returncode"] != 0:
+            raise UserError(f"`eopd-pipe {' '.join(job.args(self.run))}` failed on the cluster (exit "
+                            f"{result['returncode']}):\n{result['stderr']}")
+        return StageRun(job.name, [result], time.perf_counter() - t0)
 
     def run_sharded(self, job: Job) -> StageRun:
         """Every shard of `job` the records lack, each handed to the next free actor, until the
@@ -138,6 +172,9 @@ class RayExecutor(Executor):
             for a in actors:
                 self.ray.kill(a, no_restart=True)
         self._actors.clear()
+        if self._trainer is not None:
+            self.ray.kill(self._trainer, no_restart=True)
+            self._trainer = None
 
 
 class EngineActor:
@@ -156,3 +193,24 @@ class EngineActor:
         from pipeline.identity import worker_identity
 
         return worker_identity()
+
+
+class TrainerActor:
+    """The trainer role: built once (again after a restart, resuming from the newest checkpoint)."""
+
+    def __init__(self, trainer: Callable[[str], Any], run_dir: str) -> None:
+        self.trainer = trainer(run_dir)
+
+    def train(self, round_index: int) -> dict[str, Any]:
+        return self.trainer.train(round_index)
+
+
+def summarize(stage_run: StageRun) -> str:
+    """One line per finished job: what was done, on which workers, how long it took."""
+    from pipeline.identity import describe_worker
+
+    done = [r for r in stage_run.results if r.get("done_now", True)]
+    hosts = sorted({describe_worker(r["worker"]) for r in done if "worker" in r})
+    what = (f"{len(stage_run.shards_done)} shard(s) done now" if stage_run.results and "done_now" in stage_run.results[0]
+            else "done")
+    return f"{stage_run.job}: {what} on {len(hosts)} worker(s) ({'; '.join(hosts)}) in {stage_run.wall_seconds:.1f} s"
