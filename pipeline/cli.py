@@ -310,6 +310,129 @@ def compare(run_dirs, out_dir):
     click.echo(f"plot: {png}")
 
 
+LAUNCH_TARGETS = ("rollout", "score-teacher", "train", "run")
+
+
+def launch_options(f):
+    """What every `launch ENGINE` command shares: TARGET RUN_DIR, the config options, --round, --workers."""
+    f = click.option("--workers", type=int, default=1, show_default=True,
+                     help="Workers per sharded stage (rollout, score-teacher): worker i does shards i, i+N, ...")(f)
+    f = click.option("--round", "round_index", type=int, default=0, show_default=True,
+                     help="Round of a single-stage TARGET (ignored for `run`, which does every round).")(f)
+    f = stage_options(f)  # RUN_DIR, --config, --set, --allow-config-change
+    return click.argument("target", type=click.Choice(LAUNCH_TARGETS))(f)
+
+
+def launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers, freeze=True):
+    """The run's config (checked, and frozen into RUN_DIR unless `freeze` is off) and the jobs of
+    TARGET that RUN_DIR's records do not show as done."""
+    from pipeline.executors import plan_jobs
+    from pipeline.models import check_model_dir
+    from pipeline.rundir import freeze_config
+
+    run = RunDir(run_dir)
+    cfg = resolve_config(run, config_path, overrides)
+    check_model_dir(cfg.student.path, "student")
+    check_model_dir(cfg.teacher.path, "teacher")
+    if freeze:  # every worker then reads RUN_DIR/config.yaml: the jobs carry no --config of their own
+        cfg = freeze_config(run, cfg, allow_config_change)
+    return run, cfg, plan_jobs(run, cfg.rounds, target, round_index, workers)
+
+
+@main.group(context_settings=CONTEXT)
+def launch() -> None:
+    """Hand stages to an engine that already schedules work: local processes, Slurm job arrays,
+    Ray actors. eopd-pipe never schedules itself: each engine only decides which worker takes which
+    shards and brings back a lost one; RUN_DIR's records say what is done, so any launch (or a
+    plain stage command) resumes what another began.
+
+    \b
+    TARGET: rollout | score-teacher | train (one round, --round R) | run (every round, then eval
+    and report; only the stages not yet done are launched).
+    """
+
+
+@launch.command("local", context_settings=CONTEXT)
+@launch_options
+@handle_errors
+def launch_local(target, run_dir, config_path, overrides, allow_config_change, round_index, workers):
+    """Worker i of N as a process on this machine (`STAGE --worker i/N`), the N side by side, one
+    job after another. A lost worker: run the same command again."""
+    from pipeline.executors.local import LocalExecutor
+
+    run, cfg, jobs = launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers)
+    if not jobs:
+        click.echo(f"{target}: already done in {run.root}")
+    LocalExecutor(run, cfg).launch(jobs, echo=lambda line: click.secho(line, fg="cyan", err=True))
+
+
+@launch.command("slurm", context_settings=CONTEXT)
+@launch_options
+@click.option("--array-parallelism", type=int, help="At most K tasks of an array at once (sbatch --array=0-N%K).")
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="[STAGE:]ARG",
+              help="An sbatch option for every job, e.g. --sbatch-arg=--partition=gpu; STAGE: for one stage's jobs "
+                   "only, e.g. --sbatch-arg=train:--gres=gpu:4 (STAGE: rollout, score-teacher, train, finish). Repeatable.")
+@click.option("--signal-seconds", type=int, default=120, show_default=True,
+              help="SIGTERM this long before the time limit (--signal=B:TERM@S): the task stops cleanly and requeues itself.")
+@click.option("--dry-run", is_flag=True, help="Print the batch scripts and sbatch commands; submit and write nothing.")
+@handle_errors
+def launch_slurm(target, run_dir, config_path, overrides, allow_config_change, round_index, workers,
+                 array_parallelism, sbatch_args, signal_seconds, dry_run):
+    """Submit TARGET as sbatch job arrays, once: task i of N runs the stage with
+    `--worker $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`; each job waits for the previous one
+    (afterok: rollout -> score-teacher -> train -> next round). `--requeue` and a SIGTERM before the
+    time limit bring back a preempted or timed-out task, which resumes from RUN_DIR. Scripts and
+    logs: RUN_DIR/logs/slurm/. Follow it with `eopd-pipe status RUN_DIR` (or squeue)."""
+    from pipeline.executors.slurm import SlurmExecutor, check_slurm_tools, parse_sbatch_arg
+
+    for arg in sbatch_args:  # the user's mistakes are told before RUN_DIR is touched
+        parse_sbatch_arg(arg)
+    if array_parallelism is not None and array_parallelism < 1:
+        raise UserError(f"--array-parallelism {array_parallelism}: need at least 1")
+    if not dry_run:
+        check_slurm_tools()
+    run, cfg, jobs = launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers,
+                                 freeze=not dry_run)
+    if not jobs:
+        click.echo(f"{target}: already done in {run.root}; nothing to submit")
+        return
+    SlurmExecutor(run, cfg, array_parallelism, sbatch_args, signal_seconds).launch(jobs, dry_run=dry_run, echo=click.echo)
+
+
+@launch.command("ray", context_settings=CONTEXT)
+@launch_options
+@click.option("--address", help="The Ray cluster to join (ray.init address, e.g. auto or ray://HEAD:10001). "
+                                "Default: RAY_ADDRESS, else a new Ray instance on this machine.")
+@click.option("--cpus-per-worker", type=float, default=1, show_default=True, help="CPUs each worker actor reserves.")
+@click.option("--gpus-per-worker", type=float, default=0, show_default=True,
+              help="GPUs each worker actor reserves (1: one actor per GPU, holding that GPU's engine).")
+@handle_errors
+def launch_ray(target, run_dir, config_path, overrides, allow_config_change, round_index, workers, address,
+               cpus_per_worker, gpus_per_worker):
+    """Run TARGET on a Ray cluster. A sharded stage: --workers long-lived actors, each holding the
+    stage's engine (the vLLM sampler, the loaded teacher), this driver handing shard indices to
+    whichever actor is free. `run`: the rollout, teacher and trainer roles as actors kept for the
+    whole run (each new student's weights loaded in place from RUN_DIR), then eval and report as a
+    task. An actor lost with its node is rebuilt by Ray (max_restarts=-1) and its call retried there
+    (max_task_retries=-1); a restarted driver re-reads RUN_DIR's records and redoes only what they
+    lack. Needs the `ray` extra."""
+    from pipeline.executors.ray import RayExecutor
+    from stages.launch import ShardEngine, TrainEngine, run_command
+
+    run, cfg, jobs = launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers)
+    if not jobs:
+        click.echo(f"{target}: already done in {run.root}")
+        return
+    executor = RayExecutor(run, cfg, ShardEngine, workers, address, cpus_per_worker, gpus_per_worker,
+                           trainer=TrainEngine, command=run_command)
+    try:
+        runs = executor.launch(jobs, echo=click.echo)
+    finally:
+        executor.shutdown()
+    if runs and runs[-1].job == "finish":
+        click.echo(runs[-1].results[0]["stdout"].rstrip())
+
+
 @main.command("make-toy", context_settings=CONTEXT)
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--quick", is_flag=True, help="Untrained tiny models in seconds (for tests), instead of the trained demo teacher.")

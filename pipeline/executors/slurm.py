@@ -1,0 +1,148 @@
+"""Slurm: each job an sbatch job array, chained by `afterok`, so a whole run is submitted once.
+
+Task i of an array of N runs the stage with `--worker i/N` (i = SLURM_ARRAY_TASK_ID), so each
+shard has one owner, with no coordination beyond the run directory. How a lost task comes back:
+  - `--requeue`: a preempted task, or one whose node failed, is put back in the queue by Slurm and
+    runs the same command again; the stage redoes only the shards its records lack.
+  - `--signal=B:TERM@120`: 120 s before the time limit the batch shell alone gets SIGTERM and
+    passes it to the stage, which abandons (or finishes writing) its shard and exits 143; the script
+    then requeues its own task, which resumes from the records. The job still being RUNNING tells
+    this warning apart from Slurm's own requeue, a preemption or scancel, which leave it COMPLETING
+    and have signalled the stage already.
+  - `afterok`: round r's score-teacher starts once every rollout task of round r exited 0, and so
+    on (rollout -> score-teacher -> train -> the next round's rollout); a requeued task keeps its
+    dependents waiting. `--kill-on-invalid-dep=yes`: a job whose upstream failed is cancelled
+    rather than left pending forever.
+Logs and the scripts submitted go to RUN_DIR/logs/slurm/ (one file per task: NAME-ARRAYID_TASK.out,
+appended to across requeues); RUN_DIR/logs/slurm/jobs.jsonl lists every submission.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from typing import Sequence
+
+from pipeline.errors import UserError
+from pipeline.executors.base import Executor, Job
+from pipeline.rundir import RunDir, atomic_write_text
+from pipeline.config import Config
+
+WORKER_EXPR = "${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}"
+JOB_STAGES = ("rollout", "score-teacher", "train", "finish")
+
+
+class SlurmExecutor(Executor):
+    name = "slurm"
+
+    def __init__(self, run: RunDir, cfg: Config, array_parallelism: int | None = None,
+                 sbatch_args: Sequence[str] = (), signal_seconds: int = 120, python: str | None = None) -> None:
+        super().__init__(run, cfg, python)
+        if array_parallelism is not None and array_parallelism < 1:
+            raise UserError(f"--array-parallelism {array_parallelism}: need at least 1")
+        self.array_parallelism = array_parallelism
+        self.signal_seconds = signal_seconds
+        self.sbatch_args = [parse_sbatch_arg(a) for a in sbatch_args]
+        self.log_dir = run.root / "logs" / "slurm"
+
+    def job_name(self, job: Job) -> str:
+        return f"eopd-{self.run.root.name}-{job.name}"
+
+    def script(self, job: Job) -> str:
+        """The batch script of `job` (an array of job.workers tasks)."""
+        array = f"0-{job.workers - 1}"
+        if self.array_parallelism is not None and self.array_parallelism < job.workers:
+            array += f"%{self.array_parallelism}"
+        directives = [
+            f"--job-name={self.job_name(job)}",
+            f"--array={array}",
+            f"--output={self.log_dir / job.name}-%A_%a.out",
+            "--open-mode=append",  # a requeued task appends to its log
+            "--requeue",
+            f"--signal=B:TERM@{self.signal_seconds}",
+            f"--chdir={os.getcwd()}",
+        ] + [arg for stage, arg in self.sbatch_args if stage in (None, job.stage)]
+        cmd = " ".join(shlex.quote(a) for a in self.command(job, "@WORKER@")).replace("@WORKER@", f'"{WORKER_EXPR}"')
+        what = "eval and report, once every round is done" if job.stage == "finish" else f"round {job.round} {job.stage}"
+        lines = ["#!/bin/bash"] + [f"#SBATCH {shlex.quote(d)}" for d in directives] + [
+            f"# eopd-pipe launch slurm: {what}, task $SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_TASK_COUNT.",
+            "# Requeued or restarted, it runs the same command again: the stage redoes only what RUN_DIR's records lack.",
+            "set -u",
+            'echo "eopd-pipe: $(date -u +%FT%TZ) job ${SLURM_JOB_ID} (array ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})'
+            ' on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"',
+            f"{cmd} &",
+            "stage=$!",
+            "# --signal=B:TERM (the time limit's warning) reaches only this shell: pass it on to the stage. A requeue,",
+            "# preemption or scancel signals every process of the job (the job then no longer RUNNING): the stage has it.",
+            "running() { [ \"$(squeue -h -j \"$SLURM_JOB_ID\" -o %T 2>/dev/null)\" = RUNNING ]; }",
+            "warned=",
+            "trap 'running && warned=1 && kill -TERM \"$stage\" 2>/dev/null' TERM",
+            "while :; do",
+            '  wait "$stage"; code=$?',
+            '  kill -0 "$stage" 2>/dev/null || break  # still there: the wait was cut short by the trap',
+            "done",
+            'if [ "$code" != 0 ] && [ -n "$warned" ] && running; then',
+            "  # Stopped by the time limit's warning (exit 143; or killed by it before its handler was set up).",
+            "  # Requeue this task: it resumes from the records.",
+            '  echo "eopd-pipe: stopped before the time limit; requeueing ${SLURM_JOB_ID}"',
+            '  scontrol requeue "$SLURM_JOB_ID"',
+            "fi",
+            'exit "$code"',
+        ]
+        return "\n".join(lines) + "\n"
+
+    def launch(self, jobs: Sequence[Job], dry_run: bool = False, echo=print) -> list[str]:
+        """Submit `jobs` in order, each after the previous one (afterok). Returns the job ids
+        (dry run: prints the scripts and the sbatch commands, submits and writes nothing)."""
+        if not dry_run:
+            check_slurm_tools()
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        ids: list[str] = []
+        previous: str | None = None
+        for job in jobs:
+            path = self.log_dir / f"{job.name}.sbatch"
+            sbatch = ["sbatch", "--parsable"]
+            if previous is not None:
+                sbatch += [f"--dependency=afterok:{previous}", "--kill-on-invalid-dep=yes"]
+            sbatch.append(str(path))
+            if dry_run:
+                echo(f"# {path}\n{self.script(job)}$ {shlex.join(sbatch)}\n")
+                previous = f"<{job.name}>"
+                continue
+            atomic_write_text(path, self.script(job))
+            res = subprocess.run(sbatch, capture_output=True, text=True)
+            if res.returncode != 0:
+                done = f"; already submitted: {', '.join(ids)} (scancel them, or keep them: a job resubmitted " \
+                       f"later redoes only what the records lack)" if ids else ""
+                raise UserError(f"sbatch {path} failed (exit {res.returncode}): {res.stderr.strip()}{done}")
+            previous = res.stdout.strip().split(";")[0]  # "ID" or "ID;CLUSTER"
+            ids.append(previous)
+            with open(self.log_dir / "jobs.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.time(), "job": job.name, "slurm_job_id": previous,
+                                    "workers": job.workers, "after": ids[-2] if len(ids) > 1 else None}) + "\n")
+            echo(f"submitted {job.name}: job {previous} ({job.workers} task(s)), log {self.log_dir}/{job.name}-{previous}_*.out")
+        return ids
+
+
+def check_slurm_tools() -> None:
+    for tool in ("sbatch", "squeue", "scontrol"):
+        if shutil.which(tool) is None:
+            raise UserError(f"`{tool}` is not on PATH: run `eopd-pipe launch slurm` on a Slurm login node "
+                            f"(or add Slurm's bin directory to PATH)")
+
+
+def parse_sbatch_arg(text: str) -> tuple[str | None, str]:
+    """`--sbatch-arg ARG` goes to every job; `--sbatch-arg STAGE:ARG` only to that stage's jobs."""
+    stage, sep, rest = text.partition(":")
+    if sep and stage in JOB_STAGES:
+        text = rest
+    else:
+        stage = None
+    if not text.startswith("-"):
+        raise UserError(f"--sbatch-arg {text!r}: expected an sbatch option such as --partition=gpu or "
+                        f"train:--gres=gpu:4 (STAGE: one of {', '.join(JOB_STAGES)})")
+    return stage, text

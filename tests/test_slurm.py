@@ -1,0 +1,242 @@
+"""`eopd-pipe launch slurm` on a real single-node Slurm cluster (Debian's slurm-wlm and munge, started
+once for this module under a temporary directory, stopped at its end): a 2-round run submitted once as
+job arrays chained by afterok, one rollout task requeued in the middle of a shard, ends with exactly
+the shards, manifests, students and losses of the same `run` on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CLI_ENV, REPO, TRAIN, cli_cmd, run_cli, write_config
+
+from pipeline.shards import sha256_file
+
+pytestmark = pytest.mark.slow
+
+DAEMONS = ("munged", "slurmctld", "slurmd")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A one-node cluster of this machine; yields the environment for sbatch/squeue/scontrol."""
+    missing = [d for d in DAEMONS if shutil.which(d) is None]
+    assert not missing, f"{missing} not installed: apt-get install -y slurm-wlm munge (.ci/run does)"
+    d = tmp_path_factory.mktemp("slurm")
+    # A munge daemon and key of its own (socket in the temp dir): nothing shared with a system munged.
+    key, sock = d / "munge.key", d / "munge.sock"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    subprocess.run(["munged", "--force", f"--socket={sock}", f"--key-file={key}", f"--pid-file={d / 'munged.pid'}",
+                    f"--log-file={d / 'munged.log'}", f"--seed-file={d / 'munged.seed'}"], check=True)
+    host = socket.gethostname().split(".")[0]
+    mem_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 * 8 // 10
+    (d / "state").mkdir()
+    (d / "spool").mkdir()
+    conf = d / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=eopdtest", f"SlurmctldHost={host}", f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+        "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={sock}",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SlurmUser=root", "SlurmdUser=root",
+        "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "SchedulerType=sched/backfill", "MpiDefault=none",
+        "ReturnToService=2", f"StateSaveLocation={d / 'state'}", f"SlurmdSpoolDir={d / 'spool'}",
+        f"SlurmctldPidFile={d / 'slurmctld.pid'}", f"SlurmdPidFile={d / 'slurmd.pid'}",
+        f"SlurmctldLogFile={d / 'slurmctld.log'}", f"SlurmdLogFile={d / 'slurmd.log'}",
+        f"NodeName={host} CPUs={os.cpu_count()} RealMemory={mem_mib} State=UNKNOWN",
+        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES", ""]))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    try:
+        subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env)
+        subprocess.run(["slurmd", "-f", str(conf)], check=True, env=env)
+        deadline = time.time() + 60
+        while _sh(env, "sinfo", "-h", "-o", "%T") != "idle":
+            assert time.time() < deadline, f"slurm did not come up: {(d / 'slurmctld.log').read_text()[-2000:]}"
+            time.sleep(0.5)
+        yield env
+    finally:
+        subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
+        deadline = time.time() + 60
+        while _sh(env, "squeue", "-h") and time.time() < deadline:
+            time.sleep(0.5)
+        for name in ("slurmd", "slurmctld", "munged"):  # by their pid files: only the daemons this fixture started
+            pid_file = d / f"{name}.pid"
+            if pid_file.is_file():
+                _stop(int(pid_file.read_text().split()[0]))
+
+
+def _stop(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _sh(env: dict, *cmd: str) -> str:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True).stdout.strip()
+
+
+def digests(run: Path) -> dict[str, str]:
+    files = sorted(run.glob("round-*/rollouts/part-*.parquet")) + sorted(run.glob("round-*/teacher/part-*.parquet"))
+    files += sorted(run.glob("round-*/student/model.safetensors"))
+    return {str(p.relative_to(run)): sha256_file(p) for p in files}
+
+
+def manifests(run: Path) -> dict[str, dict]:
+    return {str(p.relative_to(run)): json.loads(p.read_text()) for p in sorted(run.glob("round-*/*/manifest.json"))}
+
+
+def losses(run: Path) -> list[tuple]:
+    return [(m["round"], m["step"], m["loss"]) for p in sorted(run.glob("round-*/train/metrics.jsonl"))
+            for m in map(json.loads, p.read_text().splitlines())]
+
+
+def wait_for(cond, what: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"timeout waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_dry_run_prints_the_chained_arrays_and_writes_nothing(toy, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", toy, rounds=2)
+    run = tmp_path / "run"
+    res = run_cli("launch", "slurm", "run", run, "--config", cfg, "--workers", "3", "--array-parallelism", "2",
+                  "--sbatch-arg=--partition=gpu", "--sbatch-arg=train:--gres=gpu:4", "--dry-run")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    names = ["r0000-rollout", "r0000-score-teacher", "r0000-train", "r0001-rollout", "r0001-score-teacher",
+             "r0001-train", "finish"]
+    assert [line.split("/")[-1] for line in out.splitlines() if line.startswith("# /")] == [f"{n}.sbatch" for n in names]
+    assert out.count("#SBATCH --array=0-2%2") == 4 and out.count("#SBATCH --array=0-0") == 3
+    assert out.count("#SBATCH --requeue") == 7 and out.count("#SBATCH --signal=B:TERM@120") == 7
+    assert out.count("#SBATCH --partition=gpu") == 7 and out.count("#SBATCH --gres=gpu:4") == 2
+    assert f"#SBATCH --output={run.resolve()}/logs/slurm/r0000-rollout-%A_%a.out" in out
+    assert 'rollout ' + str(run.resolve()) + ' --round 1 --worker "${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}"' in out
+    assert out.count("--dependency=afterok:") == 6
+    assert not run.exists()
+    bad = run_cli("launch", "slurm", "run", run, "--config", cfg, "--sbatch-arg=partition=gpu", "--dry-run")
+    assert bad.returncode == 2 and "--sbatch-arg 'partition=gpu'" in bad.stderr
+    # No Slurm here: one message, and RUN_DIR untouched.
+    res = run_cli("launch", "slurm", "run", run, "--config", cfg, env={"PATH": "/nonexistent"})
+    assert res.returncode == 2 and "`sbatch` is not on PATH" in res.stderr and not run.exists(), res.stderr[-2000:]
+
+
+CONFIG = dict(rounds=2, prompts={"limit": 12, "prompts_per_round": 8},
+              rollout={"n": 2, "max_tokens": 12, "prompts_per_shard": 2, "vllm": {"enforce_eager": True, "dtype": "float32"}},
+              score_teacher={"top_k": 8}, train=TRAIN)
+
+
+def config(toy, path: Path) -> Path:
+    sections = {**CONFIG, "prompts": {"path": str(toy.train_prompts), **CONFIG["prompts"]}}
+    return write_config(path, toy, **sections)
+
+
+@pytest.fixture(scope="module")
+def reference(toy, tmp_path_factory):
+    """The same run on this machine (`eopd-pipe run`), started at once beside the cluster's jobs;
+    `wait()` gives its run dir."""
+    tmp = tmp_path_factory.mktemp("reference")
+    # Not conftest's spawn: that one is ended after each test, and this serves the whole module.
+    proc = subprocess.Popen(cli_cmd("run", tmp / "ref", "--config", config(toy, tmp / "cfg.yaml")), cwd=REPO,
+                            env={**os.environ, **CLI_ENV, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    class Reference:
+        def wait(self) -> Path:
+            if proc.returncode is None:
+                _, err = proc.communicate(timeout=1800)
+                assert proc.returncode == 0, err[-3000:]
+            return tmp / "ref"
+    yield Reference()
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def launch(slurm: dict, *args, env: dict | None = None) -> list[dict]:
+    """`eopd-pipe launch slurm ARGS`; returns RUN_DIR/logs/slurm/jobs.jsonl."""
+    res = subprocess.run(["python3", "-m", "pipeline.cli", "launch", "slurm", *map(str, args)], cwd=REPO,
+                         env={**slurm, **CLI_ENV, "PYTHONPATH": str(REPO), **(env or {})}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = Path(args[1])
+    return [json.loads(line) for line in (run / "logs" / "slurm" / "jobs.jsonl").read_text().splitlines()]
+
+
+def wait_until_gone(slurm: dict, jobs: list[dict], timeout: float) -> None:
+    ids = {j["slurm_job_id"] for j in jobs}
+    wait_for(lambda: not ids & set(_sh(slurm, "squeue", "-h", "-r", "-o", "%F").split()), "the jobs to end", timeout)
+
+
+def test_a_task_warned_before_its_time_limit_requeues_itself_and_resumes(slurm, toy, reference, tmp_path):
+    """--time=1 with the warning 50 s before it: the stage gets SIGTERM ~10 s in, stops cleanly and the
+    batch script requeues the task (the job still RUNNING: not Slurm's own requeue); given time, it
+    comes back and finishes the stage exactly as on this machine."""
+    run = tmp_path / "run"
+    jobs = launch(slurm, "rollout", run, "--config", config(toy, tmp_path / "cfg.yaml"), "--workers", "1",
+                  "--sbatch-arg=--time=1", "--signal-seconds", "50")
+    task = f"{jobs[0]['slurm_job_id']}_0"
+    log = run / "logs" / "slurm" / f"r0000-rollout-{task}.out"
+    wait_for(lambda: log.is_file() and "requeueing" in log.read_text(), "the task to requeue itself", 300)
+    wait_for(lambda: _sh(slurm, "squeue", "-h", "-j", task, "-o", "%T") == "PENDING", "the requeued task", 120)
+    assert subprocess.run(["scontrol", "update", f"jobid={task}", "TimeLimit=UNLIMITED", "starttime=now"],
+                          env=slurm).returncode == 0
+    wait_until_gone(slurm, jobs, 900)
+    text = log.read_text()
+    assert "restart 1" in text and "stage complete" in text, text[-3000:]
+    ref = reference.wait()
+    stage = "round-0000/rollouts"
+    assert digests(run) == {k: v for k, v in digests(ref).items() if k.startswith(stage)}
+    assert manifests(run) == {k: v for k, v in manifests(ref).items() if k.startswith(stage)}
+
+
+def test_run_submitted_once_with_a_task_requeued_mid_shard_equals_the_local_run(slurm, toy, reference, tmp_path):
+    run = tmp_path / "run"
+    # Rollout shard 1 (task 1 of 2: shards 1 and 3) pauses after vLLM computed it, before it is
+    # written: requeued there, the task abandons it and does it again when it comes back.
+    jobs = launch(slurm, "run", run, "--config", config(toy, tmp_path / "cfg.yaml"), "--workers", "2",
+                  env={"EOPD_TEST_PAUSE": "rollouts.shard_compute:1:25"})
+    assert [j["job"] for j in jobs] == ["r0000-rollout", "r0000-score-teacher", "r0000-train", "r0001-rollout",
+                                        "r0001-score-teacher", "r0001-train", "finish"]
+    array = jobs[0]["slurm_job_id"]
+    log = run / "logs" / "slurm" / f"r0000-rollout-{array}_1.out"
+    wait_for(lambda: log.is_file() and "EOPD_TEST_PAUSE reached rollouts.shard_compute:1" in log.read_text(),
+             "rollout task 1 in shard 1", 600)
+    assert "part-00001.parquet" not in json.loads((run / "round-0000/rollouts/manifest.json").read_text())["shards"]
+    assert subprocess.run(["scontrol", "requeue", f"{array}_1"], env=slurm).returncode == 0
+    # A requeued task waits for its BeginTime (Slurm holds it a while); release it at once.
+    wait_for(lambda: _sh(slurm, "squeue", "-h", "-j", f"{array}_1", "-o", "%T") == "PENDING", "the requeued task", 120)
+    assert subprocess.run(["scontrol", "update", f"jobid={array}_1", "starttime=now"], env=slurm).returncode == 0
+
+    wait_until_gone(slurm, jobs, 1800)
+    text = log.read_text()
+    assert "restart 0" in text and "restart 1" in text and "preempted (SIGTERM)" in text
+    finish = next((run / "logs" / "slurm").glob("finish-*_0.out")).read_text()
+    assert "plot:" in finish, finish[-2000:]
+    ref = reference.wait()
+
+    assert len(digests(run)) == 4 + 4 + 4 + 4 + 2
+    assert digests(run) == digests(ref)
+    assert manifests(run) == manifests(ref)
+    assert losses(run) == losses(ref)
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
