@@ -34,7 +34,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 from pipeline.errors import UserError
+from pipeline.identity import worker_identity
 
 Location = Union[Path, "UPath"]  # noqa: F821 (upath is imported only for bucket URLs)
 
@@ -626,16 +626,6 @@ def subdirs(d: Location, pattern: str = "*") -> list[str]:
 # ----------------------------------------------------------------------------- claims
 
 
-def worker_identity() -> dict[str, Any]:
-    """Who holds a claim: host and process, and the scheduler's ids where one launched it."""
-    ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
-    for key, env in (("slurm_job", "SLURM_JOB_ID"), ("slurm_array_job", "SLURM_ARRAY_JOB_ID"),
-                     ("slurm_array_task", "SLURM_ARRAY_TASK_ID"), ("ray_node", "EOPD_RAY_NODE_ID")):
-        if os.environ.get(env):
-            ident[key] = os.environ[env]
-    return ident
-
-
 def lease_seconds() -> float:
     try:
         return float(os.environ.get(LEASE_ENV, _LEASE_DEFAULT))
@@ -659,6 +649,13 @@ class _LockClaim(Claim):
     def __init__(self, p: Path, lock) -> None:
         super().__init__(p)
         self._lock = lock
+        # Who holds it, for `status` (flock: writing through another descriptor keeps the lock).
+        with contextlib.suppress(OSError):
+            fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.write(fd, json.dumps({"worker": worker_identity(), "renewed": time.time()}).encode())
+            finally:
+                os.close(fd)
 
     def release(self) -> None:
         self._lock.release()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.errors import UserError
+from pipeline.identity import describe_worker
 from pipeline.health import health_warnings, round_health
 from pipeline.rundir import STAGES, RunDir
 from pipeline.shards import (SCHEMA_VERSION, Manifest, ShardInfo, schema_metadata, sha256_file,
@@ -88,17 +89,40 @@ def describe_process(pid: int) -> str:
 # ----------------------------------------------------------------------------- the screen
 
 
+def live_claims(locks_dir, held: dict, pattern: str) -> list[tuple[str, str]]:
+    """(lock name, who holds it) of each live claim in `locks_dir`: fcntl locks held on this machine
+    (their pid from /proc/locks, the holder's identity from the lock file), or a bucket's unexpired
+    leases (the holder's identity and the lease's age)."""
+    import fnmatch
+
+    if storage.is_remote(locks_dir):
+        return [(lease["name"], f"{describe_worker(lease['worker'])}, lease {lease['age_s']:.0f} s old")
+                for lease in storage.leases(locks_dir) if not lease["expired"] and fnmatch.fnmatch(lease["name"], pattern)]
+    out = []
+    for p in sorted(locks_dir.glob(pattern)) if locks_dir.is_dir() else []:
+        if (pid := holder(p, held)) is None:
+            continue
+        who = describe_process(pid)
+        try:
+            ident = json.loads(p.read_text())["worker"]
+            if ident.get("pid") == pid and (engine := describe_worker(ident).partition(", ")[2]):
+                who += f" ({engine})"  # the Slurm task, Ray node or SkyPilot task it runs under
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        out.append((p.name, who))
+    return out
+
+
 def stage_line(run: RunDir, r: int, stage: str, held: dict) -> tuple[str, bool]:
     """(the stage's line, whether a process works on it now)."""
     stage_dir = run.stage_dir(r, stage)
-    busy = sorted((int(p.name[5:10]), pid) for p in (stage_dir / ".locks").glob("part-*.parquet.lock")
-                  if (pid := holder(p, held)) is not None) if stage_dir.is_dir() else []
+    busy = [(int(name[5:10]), who) for name, who in live_claims(stage_dir / ".locks", held, "part-*.parquet.lock")]
     now = ""
     if busy:
-        by: dict[int, list[int]] = {}
-        for shard, pid in busy:
-            by.setdefault(pid, []).append(shard)
-        now = "; in progress: " + ", ".join(f"shard(s) {s} by {describe_process(pid)}" for pid, s in by.items())
+        by: dict[str, list[int]] = {}
+        for shard, who in busy:
+            by.setdefault(who, []).append(shard)
+        now = "; in progress: " + ", ".join(f"shard(s) {s} by {who}" for who, s in by.items())
     m = Manifest(stage_dir)
     if not m.exists():
         files = shard_files(stage_dir)
@@ -125,8 +149,9 @@ def stage_line(run: RunDir, r: int, stage: str, held: dict) -> tuple[str, bool]:
     return line + now, bool(busy)
 
 
-def checkpoints(train_dir: Path) -> list[Path]:
-    return sorted(p for p in (train_dir / "checkpoints").glob("step-[0-9]*") if (p / CHECKPOINT_DONE).is_file())
+def checkpoints(train_dir) -> list:
+    d = train_dir / "checkpoints"  # as pipeline.training.complete_checkpoints, without importing torch
+    return [d / n for n in storage.subdirs(d, "step-[0-9]*") if storage.is_file(d / n / CHECKPOINT_DONE)]
 
 
 def train_line(run: RunDir, r: int, held: dict) -> tuple[str, bool]:
@@ -141,11 +166,11 @@ def train_line(run: RunDir, r: int, held: dict) -> tuple[str, bool]:
                 break
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut by a kill
-    pid = holder(train_dir / ".lock", held)
-    written = (run.student_dir(r) / "config.json").is_file()
+    trainer = live_claims(train_dir, held, ".lock")
+    written = run.student_done(r)
     ckpt = f"last checkpoint {ckpts[-1].name}" if ckpts else "no complete checkpoint"
-    if pid is not None:
-        return f"  {'train':<9} training now ({describe_process(pid)}): step {last_step or 0} logged; {ckpt}", True
+    if trainer:
+        return f"  {'train':<9} training now ({trainer[0][1]}): step {last_step or 0} logged; {ckpt}", True
     if written:
         steps = last_step if last_step is not None else "?"
         return f"  {'train':<9} done: {steps} steps; {ckpt}; student written", False
