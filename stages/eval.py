@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from eopd.passk import mean_pass_at_k
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.models import check_model_dir, load_tokenizer, make_llm
+from pipeline.models import check_model_dir, load_tokenizer
+from pipeline.sampler import start_engine
 from pipeline.prompts import save_prompt_cache, tokenized_prompts
 from pipeline.rundir import RunDir, atomic_write_text, freeze_config
 from pipeline.work import derive_seed
@@ -326,7 +327,7 @@ def sample_responses(model_path: Path, prompt_tokens: list[list[int]], prompt_id
         sampler.load(model_path)
         llm = sampler.llm
     else:
-        llm = make_llm(model_path, ec.vllm, seed=derive_seed(cfg.seed, STAGE))
+        llm = start_engine(model_path, ec.vllm, seed=derive_seed(cfg.seed, STAGE))
     outputs = llm.generate(requests, params, use_tqdm=True)
     results = []
     for out in outputs:

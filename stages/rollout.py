@@ -18,10 +18,10 @@ import time
 import pyarrow as pa
 
 from pipeline.config import Config
-from pipeline.models import GenerationQueue, check_model_dir, load_tokenizer, make_llm
+from pipeline.models import GenerationQueue, check_model_dir, load_tokenizer
 from pipeline.prompts import round_prompt_indices, save_prompt_cache, tokenized_prompts
 from pipeline.rundir import RunDir, freeze_config
-from pipeline.sampler import Sampler
+from pipeline.sampler import Sampler, start_engine
 from pipeline.work import ShardResult, ShardWorker, StageSummary, WorkerSpec, derive_seed, run_shards
 
 STAGE = "rollouts"
@@ -146,7 +146,7 @@ def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec |
             sampler.load(policy)
             llm = sampler.llm
         else:  # the engine seed matters little: every request carries its own seed
-            llm = make_llm(policy, cfg.rollout.vllm, seed=derive_seed(cfg.seed, STAGE, round_index))
+            llm = start_engine(policy, cfg.rollout.vllm, seed=derive_seed(cfg.seed, STAGE, round_index))
         return rollout_worker(llm, prompts, shards, cfg, round_index)
 
     # Inside the run dir the policy is named relative to it: shards do not depend on where the run lives.
