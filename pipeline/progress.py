@@ -29,6 +29,9 @@ from typing import Any, Iterator, TextIO
 
 from tqdm import tqdm
 
+from pipeline import storage
+from pipeline.errors import UserError
+
 from pipeline import logs
 
 BAR_FORMAT = "run {n_fmt}/{total_fmt} |{bar:12}| {desc}"  # desc: the fields (tqdm puts ", " before a postfix)
@@ -81,7 +84,7 @@ class RunProgress:
         """Round r starts (or resumes); `metrics`: its train/metrics.jsonl, followed for the step count."""
         self._round_start = time.perf_counter()
         with self._lock:
-            self._watched = (Path(metrics), 0) if metrics is not None else None
+            self._watched = (metrics, 0) if metrics is not None else None
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
@@ -91,10 +94,13 @@ class RunProgress:
                 continue
             path, offset = watched
             try:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    data = f.read()
-            except OSError:
+                if storage.is_remote(path):  # a bucket's metrics.jsonl: one GET per look
+                    data = storage.read_bytes(path)[offset:]
+                else:
+                    with open(path, "rb") as f:
+                        f.seek(offset)
+                        data = f.read()
+            except (OSError, UserError):
                 continue
             end = data.rfind(b"\n")
             if end < 0:

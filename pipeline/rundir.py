@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
 import yaml
 
@@ -36,6 +38,14 @@ class RunDir:
     @property
     def remote(self) -> bool:
         return storage.is_remote(self.root)
+
+    def local_dir(self, name: str) -> Path:
+        """A local directory for what writes files in place (a tracker's own store, TensorBoard's
+        event files): RUN_DIR/NAME locally; for a bucket run, NAME in the local cache of that run."""
+        if not self.remote:
+            return self.root / name
+        key = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+        return storage.cache_root() / "runs" / key / name
 
     @property
     def config_path(self) -> Location:

@@ -35,6 +35,7 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
+from pipeline import storage
 from pipeline.rundir import RunDir, atomic_write_text
 
 NAMES = ("tensorboard", "wandb", "trackio", "mlflow")
@@ -87,7 +88,7 @@ class TensorBoardTracker(Tracker):
     def start(self, run, project, run_name, config, state):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.dir = run.root / "trackers" / "tensorboard"
+        self.dir = run.local_dir("trackers") / "tensorboard"
         self.writer = SummaryWriter(str(self.dir))
         if not state.get("config_sent"):
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", 0)
@@ -116,7 +117,7 @@ class WandbTracker(Tracker):
         import wandb
 
         run_id = state.get("id") or uuid.uuid4().hex[:8]
-        directory = run.root / "trackers"
+        directory = run.local_dir("trackers")
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(directory),
                               config=config, settings=wandb.Settings(silent=True, console="off"))
@@ -172,7 +173,7 @@ class MlflowTracker(Tracker):
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or state.get("uri")
         if not uri:
-            uri = (run.root / "trackers" / "mlruns").resolve().as_uri()
+            uri = (run.local_dir("trackers") / "mlruns").resolve().as_uri()
         if uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 keeps it for local use
         from mlflow.tracking import MlflowClient
@@ -223,7 +224,7 @@ class Trackers:
 
         self.run, self.say = run, say
         self.path = run.root / "trackers" / "state.json"
-        self.state: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.state: dict[str, dict] = json.loads(storage.read_text(self.path)) if storage.is_file(self.path) else {}
         self.open: dict[str, Tracker] = {}
         lc = cfg.logging
         run_name = lc.run_name or run.root.resolve().name

@@ -47,6 +47,7 @@ import click
 
 from pipeline.config import Config
 from pipeline.errors import Preempted, UserError
+from pipeline import storage
 from pipeline.models import check_model_dir
 from pipeline.logs import terminal_stderr
 from pipeline.progress import stage_output_to_log
@@ -150,7 +151,7 @@ class Roles:
         is the student's kind, as in the toy). None: evaluate in an own process."""
         if self.cfg.eval.vllm != self.cfg.rollout.vllm:
             return None
-        sampler = self.sampler(Path(self.cfg.student.path))
+        sampler = self.sampler(self.cfg.student.path)
         return sampler if sampler.can_load(model) else None
 
     def close(self) -> None:
@@ -490,9 +491,9 @@ class Watch:
         t0 = time.perf_counter()
         result = _preemption_not_error(run_eval, self.run, self.cfg, model, sampler=sampler,
                                        problems=ec.curve_problems, out=out, extra={"global_step": step})
-        with open(out.parent / "timings.jsonl", "a") as f:  # what the curve costs (bench/RESULTS.md)
-            f.write(json.dumps({"model": model, "global_step": step, "wall_s": round(time.perf_counter() - t0, 3),
-                                "sample_s": result["sample_seconds"]}) + "\n")
+        storage.append_text(out.parent / "timings.jsonl",  # what the curve costs (bench/RESULTS.md)
+                            json.dumps({"model": model, "global_step": step, "wall_s": round(time.perf_counter() - t0, 3),
+                                        "sample_s": result["sample_seconds"]}) + "\n")
         self.progress.curve_point(model, result, step)
         self.trackers.send_curve()
         if model in ("base", "teacher"):
