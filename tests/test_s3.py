@@ -190,7 +190,7 @@ def test_bad_urls_and_stores_are_one_message_each(s3, tmp_path):
 
 # ----------------------------------------------------------------------------- the stages on a bucket
 
-from conftest import TRAIN, kill_group, run_cli, spawn_cli, wait_for_line, write_config  # noqa: E402
+from conftest import TRAIN, kill_group, rest_of_stderr, run_cli, spawn_cli, wait_for_line, write_config  # noqa: E402
 
 
 def _cfg(toy, path: Path, rounds: int = 1) -> Path:
@@ -268,6 +268,7 @@ def local_ref(toy, tmp_path_factory):
     return cfg, storage.location(tmp / "run")
 
 
+@pytest.mark.slow
 def test_stage_commands_and_tools_on_a_bucket(s3, local_ref):
     """rollout, score-teacher and train (stage commands) on s3://, then status --verify, eval, report,
     compare on the bucket: shards, students and losses equal to the local persistent run's round 0,
@@ -301,6 +302,7 @@ def test_stage_commands_and_tools_on_a_bucket(s3, local_ref):
         assert secret not in fs.cat_file(key), key
 
 
+@pytest.mark.slow
 def test_workers_on_a_bucket_one_killed_mid_shard(s3, local_ref, toy):
     """Three rollout workers on one bucket at once; one is killed with SIGKILL while it holds shard 1:
     the others finish the rest, wait for its lease to expire and redo shard 1; every shard is recorded
@@ -325,6 +327,7 @@ def test_workers_on_a_bucket_one_killed_mid_shard(s3, local_ref, toy):
     assert not storage.leases(root / "round-0000" / "rollouts" / ".locks")  # all released
 
 
+@pytest.mark.slow
 def test_object_server_stopped_mid_stage_then_resumed(s3, local_ref):
     """The object store goes away while a stage runs: one message naming the URL and the fix, no
     traceback, nothing half-recorded; once it is back the same command finishes, equal to local."""
@@ -336,7 +339,8 @@ def test_object_server_stopped_mid_stage_then_resumed(s3, local_ref):
     wait_for_line(proc, "EOPD_TEST_PAUSE reached shard_compute:1")
     s3.stop()
     try:
-        out, err = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
+        err = rest_of_stderr(proc)  # wait_for_line's reader holds the pipe
     finally:
         s3.start()
     assert proc.returncode == 2, err[-3000:]
@@ -353,6 +357,7 @@ def test_object_server_stopped_mid_stage_then_resumed(s3, local_ref):
     assert _tables(root) == want
 
 
+@pytest.mark.slow
 def test_persistent_run_on_a_bucket_killed_at_random(s3, local_ref):
     """The persistent `run` on s3:// over 3 rounds, its process group killed with SIGKILL at random
     moments (drawn by progress: shards and students written), restarted until done: rows, students
@@ -385,6 +390,7 @@ def test_persistent_run_on_a_bucket_killed_at_random(s3, local_ref):
     _same_run(root, ref)
 
 
+@pytest.mark.slow
 def test_models_read_from_a_bucket(s3, local_ref, toy, tmp_path):
     """student.path and teacher.path as s3:// URLs: each model is downloaded once into the local
     cache (verified), and the rows equal those made from the local copies."""

@@ -41,7 +41,7 @@ def test_checkpoint_on_a_full_disk_is_one_message_and_resumes(scored, small_disk
     res = run_cli("train", run, "--config", cfg, "--round", "0")
     assert res.returncode == 2, res.stderr[-3000:]
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    errors = [line[line.index("error:"):] for line in res.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, res.stderr[-3000:]
     assert str(run / "round-0000" / "train" / "checkpoints") in errors[0] and "free space" in errors[0], errors[0]
     ckpts = run / "round-0000" / "train" / "checkpoints"
