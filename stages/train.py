@@ -16,6 +16,7 @@ Recipe (per optimiser step s of the round):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -403,7 +404,7 @@ class Trainer:
         metrics, engine_seconds, probe_seconds = None, 0.0, 0.0
         bar = tqdm(total=len(steps), initial=start, desc=f"train round {r}", unit="step", disable=rank != 0)
         # A SIGTERM waits for the step boundary below: checkpoint, then stop.
-        with PREEMPTION.deferred():
+        with PREEMPTION.deferred(), contextlib.closing(bar):  # the bar ends its line, also on an error
             saved = start
             for s in range(start, len(steps)):
                 if streamed:
@@ -445,9 +446,7 @@ class Trainer:
                                     tc.keep_checkpoints)
                     saved = s + 1
                 if preempt:
-                    bar.close()
                     raise Preempted()
-        bar.close()
         return TrainSummary(self.run.student_dir(r), len(steps) - start, len(steps), start, metrics,
                             engine_seconds=engine_seconds, probe_seconds=probe_seconds)
 
