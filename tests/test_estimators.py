@@ -4,7 +4,7 @@
 KL(q||p) computed here in numpy when k = V, to the chain-rule gap q_T KL(q(.|T) || p(.|T)) when
 k < V (so it is a lower bound, exact when q and p agree in shape on the tail), for every objective
 with a reverse-KL term; `sampled` to its score-function expectation. Also the worst-case and Zipf
-top-k mass analyses of eopd/teacher_stats.py.
+top-k mass analyses of eopd/teacher_stats.py, and which estimator each shipped config names.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from eopd.losses import (ObjectiveConfig, TokenBatch, chunked_objective, reverse_kl_topk, token_objective,
                          topk_buckets)
 from eopd.teacher_stats import max_tail_mass, zipf_topk_mass
+from pipeline.config import CONFIGS_DIR, DEFAULT_CONFIG, load_config
 
 D = torch.float64  # every tensor here: the references are exact to ~1e-12
 
@@ -185,3 +187,14 @@ def test_zipf_topk_mass_hits_the_entropy_asked():
     assert float(-(p * np.log(p)).sum()) == pytest.approx(2.0, abs=1e-6)
     assert mass == pytest.approx(p[:16].sum(), rel=1e-9)
     assert zipf_topk_mass(0.8, 16, v)[0] > mass  # lower entropy, more mass in the top-16
+# ------------------------------------------------------------------- which estimator the configs name
+
+
+def test_demo_default_uses_the_analytic_estimator_and_the_paper_configs_the_sampled_one():
+    assert load_config(DEFAULT_CONFIG).train.rkl_estimator == "topk"
+    assert load_config(DEFAULT_CONFIG, ["train.rkl_estimator=sampled"]).train.rkl_estimator == "sampled"
+    papers = sorted((CONFIGS_DIR / "paper").glob("*.yaml"))
+    assert papers
+    for path in papers:
+        assert yaml.safe_load(path.read_text())["train"]["rkl_estimator"] == "sampled", path
+        assert yaml.safe_load(path.read_text())["train"]["objective"] == "eopd", path
