@@ -7,6 +7,8 @@ What each tracker gets, from the files the run directory already holds (the only
   when the round ends);
 - the learning curve (eval.every_rounds, RUN_DIR/eval/curve/*.json): `curve/pass_at_K` at the step it
   was taken, base and teacher as `curve/base_pass_at_K`, `curve/teacher_pass_at_K` (mlflow allows no "@");
+  wandb keeps only rising steps, so what comes after the last training step (the teacher's point, the
+  final eval's scalars) goes to its run summary;
 - the resolved config once, when the tracker run is created;
 - the final eval (RUN_DIR/eval/*.json) as one table at the end, and `eval/MODEL/pass_at_K` scalars.
 
@@ -121,10 +123,15 @@ class WandbTracker(Tracker):
         self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(directory),
                               config=config, settings=wandb.Settings(silent=True, console="off"))
         self.wandb = wandb
+        self.last = state.get("step", -1)  # wandb drops a row whose step is not above the last one
         return {"id": run_id}
 
     def log(self, values, step):
-        self.run.log(values, step=step)
+        if step > self.last:
+            self.run.log(values, step=step, commit=True)
+            self.last = step
+        else:  # after training (the teacher's curve point, the final eval): the run's summary
+            self.run.summary.update(values)
 
     def table(self, name, columns, rows):
         self.run.log({name: self.wandb.Table(columns=columns, data=rows)})
@@ -259,43 +266,33 @@ class Trackers:
                 except Exception:  # noqa: BLE001
                     pass
 
-    def send_rounds(self, rounds: Sequence[int] | None = None) -> None:
-        """The metrics of `rounds` (default: every round whose student is written), each step once."""
+    def send(self, rounds: Sequence[int] | None = None) -> None:
+        """What is not sent yet: the training metrics of `rounds` (default: every round whose student is
+        written), each step once, and the learning-curve points (RUN_DIR/eval/curve/*.json), merged
+        by global step and sent in step order (wandb keeps only rising steps)."""
         if not self.open:
             return
         if rounds is None:
             rounds = [r for r in self.run.rounds_present() if self.run.student_done(r)]
         records = [rec for r in rounds if self.run.student_done(r) for rec in _metrics(self.run, r)]
-
-        def send(name, tracker, st):
-            sent = st.get("step", 0)
-            for rec in records:
-                if rec["global_step"] > sent:
-                    tracker.log(train_values(rec), int(rec["global_step"]))
-                    sent = int(rec["global_step"])
-            tracker.flush()
-            st["step"] = sent
-        self._each(send)
-        self._save()
-
-    def send_curve(self) -> None:
-        """Learning-curve points not sent yet (RUN_DIR/eval/curve/*.json)."""
-        if not self.open:
-            return
         points = curve_points(self.run)
 
         def send(name, tracker, st):
-            done = set(st.get("curve", []))
+            sent, done = st.get("step", 0), set(st.get("curve", []))
+            rows: dict[int, dict[str, float]] = {}
+            for rec in records:
+                if rec["global_step"] > sent:
+                    rows.setdefault(int(rec["global_step"]), {}).update(train_values(rec))
+            through = max([sent] + [int(r["global_step"]) for r in records])
             for model, (step, result) in points.items():
-                if model in done:
-                    continue
-                values = {f"curve/pass_at_{k}": float(v) for k, v in result["pass_at_k"].items()}
-                if model in ("base", "teacher"):
-                    values = {k.replace("curve/", f"curve/{model}_"): v for k, v in values.items()}
-                tracker.log(values, step)
-                done.add(model)
+                # a point joins the metrics of its step, so it waits for them (a catch-up sends both)
+                if model not in done and (step <= through or model == "base"):
+                    rows.setdefault(step, {}).update(curve_values(model, result))
+                    done.add(model)
+            for step in sorted(rows):
+                tracker.log(rows[step], step)
             tracker.flush()
-            st["curve"] = sorted(done)
+            st["step"], st["curve"] = through, sorted(done)
         self._each(send)
         self._save()
 
@@ -324,6 +321,12 @@ class Trackers:
     def close(self) -> None:
         self._each(lambda name, tracker, st: tracker.close())
         self.open = {}
+
+
+def curve_values(model: str, result: dict[str, Any]) -> dict[str, float]:
+    """A curve point's tracker values: curve/pass_at_K (the student), curve/base_pass_at_K, curve/teacher_pass_at_K."""
+    prefix = "curve/" if model not in ("base", "teacher") else f"curve/{model}_"
+    return {f"{prefix}pass_at_{k}": float(v) for k, v in result["pass_at_k"].items()}
 
 
 def _first_line(e: BaseException) -> str:
