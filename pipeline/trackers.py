@@ -65,6 +65,7 @@ def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class Tracker:
     name = ""
+    lag = 0.0  # seconds until what it was given is in its store for sure (a kill before loses it)
 
     def start(self, run: RunDir, project: str, run_name: str, config: dict, state: dict) -> dict:
         """Open (or resume, from `state`) the tracker run; returns what to keep in state.json."""
@@ -113,6 +114,8 @@ class TensorBoardTracker(Tracker):
 
 class WandbTracker(Tracker):
     name = "wandb"
+    FLUSH = 1.0  # seconds between wandb's writes to the run's .wandb file (its default: 15)
+    lag = FLUSH + 1.0
 
     def start(self, run, project, run_name, config, state):
         import wandb
@@ -121,7 +124,8 @@ class WandbTracker(Tracker):
         directory = run.root / "trackers"
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(directory),
-                              config=config, settings=wandb.Settings(silent=True, console="off"))
+                              config=config, settings=wandb.Settings(silent=True, console="off",
+                                                                     x_transaction_log_flush_interval=self.FLUSH))
         self.wandb = wandb
         self.last = state.get("step", -1)  # wandb drops a row whose step is not above the last one
         return {"id": run_id}
@@ -247,8 +251,25 @@ class Trackers:
                 continue
             self.state[name] = {**self.state.get(name, {}), **kept}
             self.open[name] = tracker
+        # What this process has given each tracker; state.json holds what is surely in its store
+        # (for wandb: what it was given `lag` seconds ago), so a resume after a kill sends the rest again.
+        self.sent = {name: {"step": self.state[name].get("step", 0), "curve": sorted(self.state[name].get("curve", [])),
+                            "eval_table": self.state[name].get("eval_table")} for name in self.open}
+        self.given: dict[str, list[tuple[float, dict]]] = {name: [] for name in self.open}
         if self.open:
             self._save()
+
+    def _given(self, name: str, tracker: Tracker) -> None:
+        """The tracker got self.sent[name]: move state.json on as far as its store surely holds."""
+        snapshot = json.loads(json.dumps(self.sent[name]))
+        if tracker.lag <= 0:
+            self.state[name].update(snapshot)
+            return
+        now = time.monotonic()
+        history = self.given[name]
+        history.append((now, snapshot))
+        while history and history[0][0] <= now - tracker.lag:
+            self.state[name].update(history.pop(0)[1])
 
     def _save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.state, indent=1) + "\n")
@@ -278,7 +299,8 @@ class Trackers:
         points = curve_points(self.run)
 
         def send(name, tracker, st):
-            sent, done = st.get("step", 0), set(st.get("curve", []))
+            mine = self.sent[name]
+            sent, done = mine["step"], set(mine["curve"])
             rows: dict[int, dict[str, float]] = {}
             for rec in records:
                 if rec["global_step"] > sent:
@@ -292,7 +314,8 @@ class Trackers:
             for step in sorted(rows):
                 tracker.log(rows[step], step)
             tracker.flush()
-            st["step"], st["curve"] = through, sorted(done)
+            mine["step"], mine["curve"] = through, sorted(done)
+            self._given(name, tracker)
         self._each(send)
         self._save()
 
@@ -308,19 +331,25 @@ class Trackers:
         sent_models = sorted(r["model"] for r in results)
 
         def send(name, tracker, st):
-            if st.get("eval_table") == sent_models:
+            if self.sent[name]["eval_table"] == sent_models:
                 return
             tracker.log({f"eval/{r['model']}/pass_at_{k}": float(v) for r in results for k, v in r["pass_at_k"].items()},
                         step)
             tracker.table("eval", columns, rows)
             tracker.flush()
-            st["eval_table"] = sent_models
+            self.sent[name]["eval_table"] = sent_models
+            self._given(name, tracker)
         self._each(send)
         self._save()
 
     def close(self) -> None:
-        self._each(lambda name, tracker, st: tracker.close())
+        def close(name, tracker, st):
+            tracker.close()  # wandb's finish writes everything it was given
+            st.update(self.sent[name])
+        self._each(close)
         self.open = {}
+        if self.state:
+            self._save()
 
 
 def curve_values(model: str, result: dict[str, Any]) -> dict[str, float]:
