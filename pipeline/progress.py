@@ -227,9 +227,13 @@ def _isatty(stream: TextIO) -> bool:
 # ----------------------------------------------------------------------------- stage output
 
 
+SHOWN = ("warning:", "stopping:")  # what a stage says that the person at the terminal must see
+
+
 class _ToLog:
     """A text stream for the stages inside `run`: everything goes to the log (fd 1/2 inside a capture);
-    a complete line that starts with "warning:" (after any "stage: " prefix) is also handed to `show`."""
+    a complete line that starts with "warning:" or "stopping:" (after any "stage: " prefix) is also
+    handed to `show`."""
 
     def __init__(self, log: TextIO, show) -> None:
         self.log, self.show, self.pending = log, show, ""
@@ -243,7 +247,7 @@ class _ToLog:
             for line in lines:
                 line = line.rsplit("\r", 1)[-1].strip()
                 head = line.split(": ", 1)
-                if line.startswith("warning:") or (len(head) == 2 and head[1].startswith("warning:")):
+                if line.startswith(SHOWN) or (len(head) == 2 and head[1].startswith(SHOWN)):
                     self.show(line)
         if len(self.pending) > 4096:  # a bar's \r updates without a newline: nothing to show there
             self.pending = self.pending[-4096:]

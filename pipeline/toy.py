@@ -33,14 +33,23 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+# OpenMP threads that spin while they wait burn the CPU a descheduled partner needs: on a busy
+# 2-core machine `make-toy`'s SFT steps then take 4-10 s each instead of ~0.2 s (bench/RESULTS.md,
+# issue 25: no subnormal floats involved). Waiting passively changes no number (same threads,
+# same work split; the models' bytes are equal) and removes that. Read when torch loads its OpenMP
+# runtime, so only where this module imports torch first (the `make-toy` command).
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from pipeline.errors import UserError
 

@@ -7,6 +7,8 @@ What each tracker gets, from the files the run directory already holds (the only
   when the round ends);
 - the learning curve (eval.every_rounds, RUN_DIR/eval/curve/*.json): `curve/pass_at_K` at the step it
   was taken, base and teacher as `curve/base_pass_at_K`, `curve/teacher_pass_at_K` (mlflow allows no "@");
+  wandb keeps only rising steps, so what comes after the last training step (the teacher's point, the
+  final eval's scalars) goes to its run summary;
 - the resolved config once, when the tracker run is created;
 - the final eval (RUN_DIR/eval/*.json) as one table at the end, and `eval/MODEL/pass_at_K` scalars.
 
@@ -64,6 +66,7 @@ def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class Tracker:
     name = ""
+    lag = 0.0  # seconds until what it was given is in its store for sure (a kill before loses it)
 
     def start(self, run: RunDir, project: str, run_name: str, config: dict, state: dict) -> dict:
         """Open (or resume, from `state`) the tracker run; returns what to keep in state.json."""
@@ -112,6 +115,8 @@ class TensorBoardTracker(Tracker):
 
 class WandbTracker(Tracker):
     name = "wandb"
+    FLUSH = 1.0  # seconds between wandb's writes to the run's .wandb file (its default: 15)
+    lag = FLUSH + 1.0
 
     def start(self, run, project, run_name, config, state):
         import wandb
@@ -120,12 +125,18 @@ class WandbTracker(Tracker):
         directory = run.local_dir("trackers")
         directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(directory),
-                              config=config, settings=wandb.Settings(silent=True, console="off"))
+                              config=config, settings=wandb.Settings(silent=True, console="off",
+                                                                     x_transaction_log_flush_interval=self.FLUSH))
         self.wandb = wandb
+        self.last = state.get("step", -1)  # wandb drops a row whose step is not above the last one
         return {"id": run_id}
 
     def log(self, values, step):
-        self.run.log(values, step=step)
+        if step > self.last:
+            self.run.log(values, step=step, commit=True)
+            self.last = step
+        else:  # after training (the teacher's curve point, the final eval): the run's summary
+            self.run.summary.update(values)
 
     def table(self, name, columns, rows):
         self.run.log({name: self.wandb.Table(columns=columns, data=rows)})
@@ -241,8 +252,25 @@ class Trackers:
                 continue
             self.state[name] = {**self.state.get(name, {}), **kept}
             self.open[name] = tracker
+        # What this process has given each tracker; state.json holds what is surely in its store
+        # (for wandb: what it was given `lag` seconds ago), so a resume after a kill sends the rest again.
+        self.sent = {name: {"step": self.state[name].get("step", 0), "curve": sorted(self.state[name].get("curve", [])),
+                            "eval_table": self.state[name].get("eval_table")} for name in self.open}
+        self.given: dict[str, list[tuple[float, dict]]] = {name: [] for name in self.open}
         if self.open:
             self._save()
+
+    def _given(self, name: str, tracker: Tracker) -> None:
+        """The tracker got self.sent[name]: move state.json on as far as its store surely holds."""
+        snapshot = json.loads(json.dumps(self.sent[name]))
+        if tracker.lag <= 0:
+            self.state[name].update(snapshot)
+            return
+        now = time.monotonic()
+        history = self.given[name]
+        history.append((now, snapshot))
+        while history and history[0][0] <= now - tracker.lag:
+            self.state[name].update(history.pop(0)[1])
 
     def _save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.state, indent=1) + "\n")
@@ -260,43 +288,35 @@ class Trackers:
                 except Exception:  # noqa: BLE001
                     pass
 
-    def send_rounds(self, rounds: Sequence[int] | None = None) -> None:
-        """The metrics of `rounds` (default: every round whose student is written), each step once."""
+    def send(self, rounds: Sequence[int] | None = None) -> None:
+        """What is not sent yet: the training metrics of `rounds` (default: every round whose student is
+        written), each step once, and the learning-curve points (RUN_DIR/eval/curve/*.json), merged
+        by global step and sent in step order (wandb keeps only rising steps)."""
         if not self.open:
             return
         if rounds is None:
             rounds = [r for r in self.run.rounds_present() if self.run.student_done(r)]
         records = [rec for r in rounds if self.run.student_done(r) for rec in _metrics(self.run, r)]
-
-        def send(name, tracker, st):
-            sent = st.get("step", 0)
-            for rec in records:
-                if rec["global_step"] > sent:
-                    tracker.log(train_values(rec), int(rec["global_step"]))
-                    sent = int(rec["global_step"])
-            tracker.flush()
-            st["step"] = sent
-        self._each(send)
-        self._save()
-
-    def send_curve(self) -> None:
-        """Learning-curve points not sent yet (RUN_DIR/eval/curve/*.json)."""
-        if not self.open:
-            return
         points = curve_points(self.run)
 
         def send(name, tracker, st):
-            done = set(st.get("curve", []))
+            mine = self.sent[name]
+            sent, done = mine["step"], set(mine["curve"])
+            rows: dict[int, dict[str, float]] = {}
+            for rec in records:
+                if rec["global_step"] > sent:
+                    rows.setdefault(int(rec["global_step"]), {}).update(train_values(rec))
+            through = max([sent] + [int(r["global_step"]) for r in records])
             for model, (step, result) in points.items():
-                if model in done:
-                    continue
-                values = {f"curve/pass_at_{k}": float(v) for k, v in result["pass_at_k"].items()}
-                if model in ("base", "teacher"):
-                    values = {k.replace("curve/", f"curve/{model}_"): v for k, v in values.items()}
-                tracker.log(values, step)
-                done.add(model)
+                # a point joins the metrics of its step, so it waits for them (a catch-up sends both)
+                if model not in done and (step <= through or model == "base"):
+                    rows.setdefault(step, {}).update(curve_values(model, result))
+                    done.add(model)
+            for step in sorted(rows):
+                tracker.log(rows[step], step)
             tracker.flush()
-            st["curve"] = sorted(done)
+            mine["step"], mine["curve"] = through, sorted(done)
+            self._given(name, tracker)
         self._each(send)
         self._save()
 
@@ -312,19 +332,31 @@ class Trackers:
         sent_models = sorted(r["model"] for r in results)
 
         def send(name, tracker, st):
-            if st.get("eval_table") == sent_models:
+            if self.sent[name]["eval_table"] == sent_models:
                 return
             tracker.log({f"eval/{r['model']}/pass_at_{k}": float(v) for r in results for k, v in r["pass_at_k"].items()},
                         step)
             tracker.table("eval", columns, rows)
             tracker.flush()
-            st["eval_table"] = sent_models
+            self.sent[name]["eval_table"] = sent_models
+            self._given(name, tracker)
         self._each(send)
         self._save()
 
     def close(self) -> None:
-        self._each(lambda name, tracker, st: tracker.close())
+        def close(name, tracker, st):
+            tracker.close()  # wandb's finish writes everything it was given
+            st.update(self.sent[name])
+        self._each(close)
         self.open = {}
+        if self.state:
+            self._save()
+
+
+def curve_values(model: str, result: dict[str, Any]) -> dict[str, float]:
+    """A curve point's tracker values: curve/pass_at_K (the student), curve/base_pass_at_K, curve/teacher_pass_at_K."""
+    prefix = "curve/" if model not in ("base", "teacher") else f"curve/{model}_"
+    return {f"{prefix}pass_at_{k}": float(v) for k, v in result["pass_at_k"].items()}
 
 
 def _first_line(e: BaseException) -> str:

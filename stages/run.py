@@ -449,8 +449,7 @@ class Watch:
                  + (f", {self.progress.steps_per_round} optimiser steps each" if self.progress.steps_per_round else "")
                  + (f"; what the stages print: {log}" if log is not None and not logs.is_verbose() else ""))
         self.trackers = Trackers(run, cfg, self.say)
-        self.trackers.send_rounds()  # whatever earlier calls (or stage commands) trained
-        self.trackers.send_curve()
+        self.trackers.send()  # whatever earlier calls (or stage commands) trained
         for model, (step, result) in _curve_points(run).items():
             self.progress.curve_point(model, result, step)
 
@@ -465,7 +464,7 @@ class Watch:
         every = self.cfg.eval.every_rounds
         if roles is not None and every and ((r + 1) % every == 0 or r + 1 == self.cfg.rounds):
             self.curve_point(roles, f"round-{r}", last["global_step"] if last else 0)
-        self.trackers.send_rounds([r])
+        self.trackers.send([r])
         self.progress.end_round(r, health, steps_per_round=last["step"] if last else None,
                                 last_step=last["global_step"] if last else None, ran=ran)
 
@@ -495,7 +494,8 @@ class Watch:
                             json.dumps({"model": model, "global_step": step, "wall_s": round(time.perf_counter() - t0, 3),
                                         "sample_s": result["sample_seconds"]}) + "\n")
         self.progress.curve_point(model, result, step)
-        self.trackers.send_curve()
+        if model in ("base", "teacher"):  # a round's point goes out with its metrics in end_round
+            self.trackers.send([])
         if model in ("base", "teacher"):
             pk = result["pass_at_k"]
             top = max(pk, key=int)
