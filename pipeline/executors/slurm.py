@@ -20,6 +20,7 @@ appended to across requeues); RUN_DIR/logs/slurm/jobs.jsonl lists every submissi
 from __future__ import annotations
 
 import json
+import re
 import os
 import shlex
 import shutil
@@ -91,6 +92,7 @@ class SlurmExecutor(Executor):
             '  echo "eopd-pipe: stopped before the time limit; requeueing ${SLURM_JOB_ID}"',
             '  scontrol requeue "$SLURM_JOB_ID"',
             "fi",
+            'echo "eopd-pipe: $(date -u +%FT%TZ) exit $code"',
             'exit "$code"',
         ]
         return "\n".join(lines) + "\n"
@@ -146,3 +148,43 @@ def parse_sbatch_arg(text: str) -> tuple[str | None, str]:
         raise UserError(f"--sbatch-arg {text!r}: expected an sbatch option such as --partition=gpu or "
                         f"train:--gres=gpu:4 (STAGE: one of {', '.join(JOB_STAGES)})")
     return stage, text
+
+
+_START = re.compile(r"eopd-pipe: (\S+) job (\d+) \(array (\d+)_(\d+)\) on (\S+), restart (\d+)$")
+_END = re.compile(r"eopd-pipe: (\S+) exit (\d+)$")
+
+
+def slurm_status_lines(run: RunDir) -> list[str]:
+    """What `eopd-pipe launch slurm` submitted to RUN_DIR and where each task last ran, without sacct:
+    RUN_DIR/logs/slurm/jobs.jsonl, the first line each task start writes to its log, and squeue for
+    the tasks still queued or running (where squeue is on PATH). For `eopd-pipe status`."""
+    log_dir = run.root / "logs" / "slurm"
+    if not (log_dir / "jobs.jsonl").is_file():
+        return []
+    jobs = [json.loads(line) for line in (log_dir / "jobs.jsonl").read_text().splitlines() if line.strip()]
+    states: dict[str, str] = {}
+    if shutil.which("squeue"):
+        ids = ",".join(j["slurm_job_id"] for j in jobs)
+        res = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%F_%K %T"], capture_output=True, text=True)
+        states = dict(line.split() for line in res.stdout.splitlines() if len(line.split()) == 2)
+    lines = []
+    for j in jobs:
+        for t in range(j["workers"]):
+            task = f"{j['slurm_job_id']}_{t}"
+            log = _read_lines(log_dir / f"{j['job']}-{task}.out")
+            starts = [i for i, line in enumerate(log) if _START.search(line)]
+            if not starts:
+                lines.append(f"{j['job']} task {task}: {states.get(task, 'not queued')}, not started")
+                continue
+            m = _START.search(log[starts[-1]])
+            ends = [e for line in log[starts[-1]:] if (e := _END.search(line))]
+            state = states.get(task) or (f"ended {ends[-1][1]}, exit {ends[-1][2]}" if ends else "gone (no exit line: killed)")
+            lines.append(f"{j['job']} task {task}: {state}; last started {m[1]} on {m[5]}, restart {m[6]}")
+    return lines
+
+
+def _read_lines(path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
