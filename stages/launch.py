@@ -36,6 +36,7 @@ class ShardEngine:
         self.run, self.stage = RunDir(run_dir), stage
         self.cfg: Config = load_config(self.run.config_path, ())  # frozen by the launch: every worker reads it
         self._sampler = self._teacher = None
+        self.start_seconds = 0.0  # spent starting this worker's engine (once; again after a restart)
 
     def plan(self, round_index: int) -> dict[str, Any]:
         """Write the stage's plan (its manifest) without doing a shard or loading a model; the records."""
@@ -46,11 +47,12 @@ class ShardEngine:
         """Do shard i of round `round_index` unless the records hold it (or a live process elsewhere does)."""
         from pipeline.identity import worker_identity
 
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), self.start_seconds
         summary = self._call(round_index, Only(frozenset([i])))
+        load = summary.load_seconds + self.start_seconds - started  # this call's engine start or weight swap
         return {"shard": i, "done_now": summary.done_now, "done_before": summary.done_before,
                 "busy": summary.busy_elsewhere, "seconds": time.perf_counter() - t0,
-                "compute_seconds": summary.seconds, "engine_seconds": summary.engine_seconds, "load_seconds": summary.load_seconds,
+                "compute_seconds": summary.seconds, "engine_seconds": summary.engine_seconds, "load_seconds": load,
                 "worker": worker_identity()}
 
     def _call(self, r: int, worker: Only):
@@ -69,7 +71,9 @@ class ShardEngine:
             from pipeline.work import derive_seed
 
             # the engine seed matters little: every request carries its own seed (stages/rollout.py)
+            t0 = time.perf_counter()
             self._sampler = Sampler(policy, self.cfg.rollout.vllm, seed=derive_seed(self.cfg.seed, "rollouts"))
+            self.start_seconds += time.perf_counter() - t0
         return self._sampler
 
     def _teacher_model(self):
@@ -77,7 +81,9 @@ class ShardEngine:
             from pipeline.models import check_model_dir
             from stages.score_teacher import load_teacher
 
+            t0 = time.perf_counter()
             self._teacher = load_teacher(check_model_dir(self.cfg.teacher.path, "teacher"), self.cfg.score_teacher)
+            self.start_seconds += time.perf_counter() - t0
         return self._teacher
 
     def close(self) -> None:

@@ -18,6 +18,8 @@ import pytest
 
 from conftest import CLI_ENV, REPO, TRAIN, cli_cmd, run_cli, write_config
 
+from pipeline.executors.slurm import slurm_status_lines
+from pipeline.rundir import RunDir
 from pipeline.shards import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -231,6 +233,9 @@ def test_run_submitted_once_with_a_task_requeued_mid_shard_equals_the_local_run(
     wait_until_gone(slurm, jobs, 1800)
     text = log.read_text()
     assert "restart 0" in text and "restart 1" in text and "preempted (SIGTERM)" in text
+    status = slurm_status_lines(RunDir(run))  # what `eopd-pipe status` shows of it, without sacct
+    assert len(status) == 2 + 2 + 1 + 2 + 2 + 1 + 1 and all(", exit 0; last started " in line for line in status), status
+    assert any(line.startswith(f"r0000-rollout task {array}_1: ") and line.endswith(", restart 1") for line in status)
     finish = next((run / "logs" / "slurm").glob("finish-*_0.out")).read_text()
     assert "plot:" in finish, finish[-2000:]
     ref = reference.wait()

@@ -72,7 +72,7 @@ class RayExecutor(Executor):
         if stage not in self._actors:
             actor_cls = self.ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=-1,
                                         max_task_retries=-1)(EngineActor)
-            self._actors[stage] = [actor_cls.options(name=None).remote(self.engine, str(self.run.root), stage)
+            self._actors[stage] = [actor_cls.remote(self.engine, str(self.run.root), stage)
                                    for _ in range(self.workers)]
         return self._actors[stage]
 

@@ -20,6 +20,7 @@ appended to across requeues); RUN_DIR/logs/slurm/jobs.jsonl lists every submissi
 from __future__ import annotations
 
 import json
+import re
 import os
 import shlex
 import shutil
@@ -74,23 +75,37 @@ class SlurmExecutor(Executor):
             "set -u",
             'echo "eopd-pipe: $(date -u +%FT%TZ) job ${SLURM_JOB_ID} (array ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})'
             ' on $(hostname), restart ${SLURM_RESTART_COUNT:-0}"',
+            "state() {  # the job's state by squeue, asked again while the controller does not answer",
+            "  local s i",
+            "  for i in 1 2 3 4 5; do",
+            '    s=$(squeue -h -j "$SLURM_JOB_ID" -o %T 2>/dev/null) && [ -n "$s" ] && { echo "$s"; return; }',
+            "    sleep 1",
+            "  done",
+            "  echo UNKNOWN",
+            "}",
+            "on_term() {",
+            "  warned=1",
+            "  local s; s=$(state)",
+            '  echo "eopd-pipe: $(date -u +%FT%TZ) SIGTERM, job $s"',
+            "  # RUNNING: the time limit's warning (--signal=B:TERM), which reaches only this shell: pass it on to the",
+            "  # stage. Otherwise a requeue, preemption or scancel has signalled every process of the job, the stage too.",
+            '  case "$s" in RUNNING|UNKNOWN) kill -TERM "$stage" 2>/dev/null ;; esac',
+            "}",
+            "warned= stage=",
+            "trap on_term TERM",
             f"{cmd} &",
             "stage=$!",
-            "# --signal=B:TERM (the time limit's warning) reaches only this shell: pass it on to the stage. A requeue,",
-            "# preemption or scancel signals every process of the job (the job then no longer RUNNING): the stage has it.",
-            "running() { [ \"$(squeue -h -j \"$SLURM_JOB_ID\" -o %T 2>/dev/null)\" = RUNNING ]; }",
-            "warned=",
-            "trap 'running && warned=1 && kill -TERM \"$stage\" 2>/dev/null' TERM",
             "while :; do",
             '  wait "$stage"; code=$?',
             '  kill -0 "$stage" 2>/dev/null || break  # still there: the wait was cut short by the trap',
             "done",
-            'if [ "$code" != 0 ] && [ -n "$warned" ] && running; then',
+            'if [ "$code" != 0 ] && [ -n "$warned" ] && [ "$(state)" = RUNNING ]; then',
             "  # Stopped by the time limit's warning (exit 143; or killed by it before its handler was set up).",
             "  # Requeue this task: it resumes from the records.",
             '  echo "eopd-pipe: stopped before the time limit; requeueing ${SLURM_JOB_ID}"',
             '  scontrol requeue "$SLURM_JOB_ID"',
             "fi",
+            'echo "eopd-pipe: $(date -u +%FT%TZ) exit $code"',
             'exit "$code"',
         ]
         return "\n".join(lines) + "\n"
@@ -146,3 +161,43 @@ def parse_sbatch_arg(text: str) -> tuple[str | None, str]:
         raise UserError(f"--sbatch-arg {text!r}: expected an sbatch option such as --partition=gpu or "
                         f"train:--gres=gpu:4 (STAGE: one of {', '.join(JOB_STAGES)})")
     return stage, text
+
+
+_START = re.compile(r"eopd-pipe: (\S+) job (\d+) \(array (\d+)_(\d+)\) on (\S+), restart (\d+)$")
+_END = re.compile(r"eopd-pipe: (\S+) exit (\d+)$")
+
+
+def slurm_status_lines(run: RunDir) -> list[str]:
+    """What `eopd-pipe launch slurm` submitted to RUN_DIR and where each task last ran, without sacct:
+    RUN_DIR/logs/slurm/jobs.jsonl, the first line each task start writes to its log, and squeue for
+    the tasks still queued or running (where squeue is on PATH). For `eopd-pipe status`."""
+    log_dir = run.root / "logs" / "slurm"
+    if not (log_dir / "jobs.jsonl").is_file():
+        return []
+    jobs = [json.loads(line) for line in (log_dir / "jobs.jsonl").read_text().splitlines() if line.strip()]
+    states: dict[str, str] = {}
+    if shutil.which("squeue"):
+        ids = ",".join(j["slurm_job_id"] for j in jobs)
+        res = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%F_%K %T"], capture_output=True, text=True)
+        states = dict(line.split() for line in res.stdout.splitlines() if len(line.split()) == 2)
+    lines = []
+    for j in jobs:
+        for t in range(j["workers"]):
+            task = f"{j['slurm_job_id']}_{t}"
+            log = _read_lines(log_dir / f"{j['job']}-{task}.out")
+            starts = [i for i, line in enumerate(log) if _START.search(line)]
+            if not starts:
+                lines.append(f"{j['job']} task {task}: {states.get(task, 'not queued')}, not started")
+                continue
+            m = _START.search(log[starts[-1]])
+            ends = [e for line in log[starts[-1]:] if (e := _END.search(line))]
+            state = states.get(task) or (f"ended {ends[-1][1]}, exit {ends[-1][2]}" if ends else "gone (no exit line: killed)")
+            lines.append(f"{j['job']} task {task}: {state}; last started {m[1]} on {m[5]}, restart {m[6]}")
+    return lines
+
+
+def _read_lines(path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
