@@ -212,9 +212,13 @@ def train(run_dir, config_path, overrides, allow_config_change, round_index, loc
               help="Rebuild a deleted or corrupted manifest.json from the shards that read back whole with the "
                    "stage's columns (others are renamed *.bad and redone by the stage).")
 @click.option("--no-health", is_flag=True, help="Skip the health figures (they read two columns of every shard).")
+@click.option("--round", "round_index", type=int, default=None, help="Show round R in full (stages, checkpoint, health, warnings).")
+@click.option("--all", "show_all", is_flag=True, help="Show every round in full (the compact screen collapses finished rounds).")
 @handle_errors
-def status(run_dir, verify, repair, no_health):
-    """One screen: per round what is done, what is in progress and by which process, the last
+def status(run_dir, verify, repair, no_health, round_index, show_all):
+    """One screen for any run length: finished rounds collapsed, health as a trend, in full the
+    rounds in progress or with a warning (--round R, --all). Per round: what is done, what is in
+    progress and by which worker (host, pid, Slurm task, Ray node; a bucket lease's age), the last
     checkpoint, the health figures (on-policy KL at the start of the round, responses at max_tokens,
     student entropy, gate fraction, pass@k) and warnings when a round looks divergent."""
     from stages.status import repair_run, status_text, verify_run
@@ -223,7 +227,7 @@ def status(run_dir, verify, repair, no_health):
     if repair:
         for line in repair_run(run):
             click.echo(f"repair: {line}")
-    text = status_text(run, health=not no_health)
+    text = status_text(run, health=not no_health, round_index=round_index, show_all=show_all)
     for line in text.splitlines():
         click.secho(line, fg="yellow" if line.lstrip().startswith("warning:") else None)
     if verify:

@@ -332,7 +332,7 @@ def status_text(run: RunDir, health: bool = True, round_index: int | None = None
         rounds_shown = [round_index]
     else:
         rounds_shown = rounds
-    done_count = sum((run.student_dir(r) / "config.json").is_file() for r in rounds)
+    done_count = sum(run.student_done(r) for r in rounds)
     out = [f"run {run.root}" + (f": {len(rounds)} of {planned} round(s) started" if planned else "")
            + (f", {done_count} done" if rounds and round_index is None else "")]
     if not rounds:
@@ -375,6 +375,10 @@ def status_text(run: RunDir, health: bool = True, round_index: int | None = None
         for line in (_curve_line(run), _eval_line(run)):
             if line:
                 out.append(line)
+        from pipeline.executors.slurm import slurm_status_lines  # what `launch slurm` submitted, without sacct
+
+        if slurm := slurm_status_lines(run):
+            out += ["slurm:"] + [f"  {line}" for line in slurm]
     return "\n".join(out)
 
 
