@@ -232,37 +232,46 @@ def check_reachable(root: Location) -> None:
 # ----------------------------------------------------------------------------- reads
 
 
-def exists(p: Location) -> bool:
-    if not is_remote(p):
-        return p.exists()
-    fs, path = _fs(p)
-    with errors(p, "look up"):
-        return fs.exists(path)
+def _bucket_key(p: Location) -> tuple[str, str]:
+    bucket, _, key = p.path.partition("/")
+    return bucket, key
 
 
 def is_file(p: Location) -> bool:
+    """Whether the file or object exists. On a bucket one HEAD (fsspec's isfile adds a listing for a
+    missing key, and answers False when the store cannot be reached: that must be an error)."""
     if not is_remote(p):
         return p.is_file()
-    fs, path = _fs(p)
-    with errors(p, "look up"):
-        return fs.isfile(path)
-
-
-def is_dir(p: Location) -> bool:
-    if not is_remote(p):
-        return p.is_dir()
-    fs, path = _fs(p)
-    with errors(p, "look up"):
-        return fs.isdir(path)
+    fs, _ = _fs(p)
+    bucket, key = _bucket_key(p)
+    try:
+        with errors(p, "look up"):
+            fs.call_s3("head_object", Bucket=bucket, Key=key)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def read_bytes(p: Location) -> bytes:
     """The whole object; FileNotFoundError when it is not there."""
     if not is_remote(p):
         return p.read_bytes()
-    fs, path = _fs(p)
+    return _get(p)[1]
+
+
+def _get(p: Location) -> tuple[str, bytes]:
+    """(ETag, body) of an object in one GET (s3fs's cat_file adds a HEAD; info + cat would be two
+    requests and could pair one version's ETag with another's body)."""
+    from fsspec.asyn import sync
+
+    fs, _ = _fs(p)
+    bucket, key = _bucket_key(p)
     with errors(p, "read"):
-        return fs.cat_file(path)
+        resp = fs.call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return resp["ETag"], sync(fs.loop, resp["Body"].read)
+        finally:
+            resp["Body"].close()
 
 
 def read_text(p: Location) -> str:
@@ -411,13 +420,8 @@ def create(p: Location, data: bytes) -> bool:
 
 
 def _etag_and_body(p: Location) -> tuple[str | None, bytes | None]:
-    fs, path = _fs(p)
     try:
-        etag = fs.info(path, refresh=True)["ETag"]
-    except FileNotFoundError:
-        return None, None
-    try:
-        return etag, fs.cat_file(path)
+        return _get(p)
     except FileNotFoundError:
         return None, None
 
