@@ -43,6 +43,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# The persistent run puts more OpenMP threads than cores to work (the trainer's and the teacher's
+# beside vLLM's engine process, which inherits this): threads that spin at every barrier while
+# their partner is descheduled then burn the time it needs. Waiting passively changes no number
+# (round 14 of the demo trained alone: the same student bytes, 14 s instead of 95 s with other jobs
+# on the machine; bench/RESULTS.md). Read when torch loads its OpenMP runtime: before any import of it.
+if "torch" not in sys.modules:
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import click
 
 from pipeline.config import Config
