@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -314,6 +315,10 @@ def test_workers_on_a_bucket_one_killed_mid_shard(s3, local_ref, toy):
     env = {"EOPD_LEASE_SECONDS": "4"}
     victim = spawn_cli("rollout", url, "--config", cfg, env={**env, "EOPD_TEST_PAUSE": "shard_compute:1"})
     wait_for_line(victim, "EOPD_TEST_PAUSE reached shard_compute:1")
+    res = run_cli("status", url, "--no-health")  # the status screen names the holder and its lease's age
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(line for line in res.stdout.splitlines() if line.lstrip().startswith("rollouts"))
+    assert f"shard(s) [1] by {socket.gethostname()} pid {victim.pid}" in line and "lease" in line, res.stdout
     others = [spawn_cli("rollout", url, "--config", cfg, env=env) for _ in range(2)]
     kill_group(victim, signal.SIGKILL)
     for p in others:
