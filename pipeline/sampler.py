@@ -73,9 +73,10 @@ def start_engine(model_path: str | Path, vllm_cfg, seed: int, **kwargs: Any):
             if attempt == attempts:
                 raise UserError(_start_failed_message(model_path, vllm_cfg, codes)) from None
             wait = pause * attempt
+            said = " ".join(str(e).split())[:300]  # vLLM's own words, on one line
             print(f"warning: vLLM's engine process for {model_path} exited while starting (exit {codes[-1]}; "
-                  f"{_memory_note(vllm_cfg)}); trying again in {wait:g} s ({attempt + 1} of {attempts})",
-                  file=sys.stderr, flush=True)
+                  f"{_memory_note(vllm_cfg)}); trying again in {wait:g} s ({attempt + 1} of {attempts}). "
+                  f"vLLM said: {said}", file=sys.stderr, flush=True)
             time.sleep(wait)
     raise AssertionError("unreachable")
 
