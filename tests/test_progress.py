@@ -139,7 +139,8 @@ def test_run_in_a_pty(toy, tmp_path, monkeypatch):
         elif proc.poll() is not None:
             break
     os.close(master)
-    assert proc.wait(timeout=60) == 0, data[-3000:]
+    (tmp_path / "terminal.bin").write_bytes(data)  # what the terminal got, for a look when this fails
+    assert proc.wait(timeout=60) == 0, data.decode(errors="replace")[-3000:]
     screen = [l for l in render(data, 160) if l.strip()]
     assert len(screen) <= 30, "\n".join(screen)
     bars = [l for l in screen if l.startswith("run ") and "|" in l]
@@ -157,15 +158,18 @@ def test_run_in_a_pty(toy, tmp_path, monkeypatch):
     assert (run / "report" / "eval_curve.png").is_file()
     assert Path(run / "eval" / "final.json").is_file()
 
-    # `status` of the finished run, as a long run shows it: one line for the finished rounds, the health
-    # trend, the curve; `--round R` in full.
+    # `status` of the finished run, as a long run shows it: the health trend, the curve, and the finished
+    # rounds without their stages (the barely trained toy student warns every round: at max_tokens);
+    # `--round R` in full.
     from pipeline.rundir import RunDir
     from stages import status
 
     monkeypatch.setattr(status, "FULL_DETAIL_ROUNDS", 1)
     text = status.status_text(RunDir(run)).splitlines()
-    assert text[0].endswith("3 of 3 round(s) started, 3 done") and text[1].startswith("rounds 0-2: done (3 round(s): 12 shards, 48 responses")
-    assert text[2].startswith("health (mean over") and text[3].split()[:2] == ["rounds", "KL"] and len(text) <= 10, text
+    assert text[0].endswith("3 of 3 round(s) started, 3 done"), text
+    assert text[1].startswith("health (mean over") and text[2].split()[:2] == ["rounds", "KL"], text
+    assert [l for l in text if l.startswith("round ")] == ["round 0: done", "round 1: done", "round 2: done"]
+    assert not any(l.startswith(("  rollouts", "  teacher", "  train")) for l in text), text
     assert any(l.startswith("curve: student pass@1 ") for l in text) and text[-1].startswith("eval: base pass@1")
     one = status.status_text(RunDir(run), round_index=1).splitlines()
-    assert one[1] == "round 1: done" and one[2].startswith("  rollouts  complete") and one[-1].startswith("  health")
+    assert one[1] == "round 1: done" and one[2].startswith("  rollouts  complete") and any(l.startswith("  health") for l in one)
