@@ -213,7 +213,7 @@ def eval_trl_model(model_dir: Path, eval_dir: Path, assets: Path, seed: int, set
     return evaluate(eval_dir, "base", s, env)
 
 
-def plot_curve(result: dict, path: Path) -> Path:
+def plot_curve(result: dict, path: Path, title: str | None = None) -> Path:
     """pass@1 against train-loop wall-clock for both systems (points at the --curve steps and the end)."""
     import matplotlib
 
@@ -234,7 +234,8 @@ def plot_curve(result: dict, path: Path) -> Path:
             ax.text(0, result[key]["pass@1"] + 0.8, label, fontsize=7, color="grey")
     ax.set_xlabel("train-loop wall-clock, s (labels: optimiser steps)")
     ax.set_ylabel("pass@1 on 256 held-out problems, %")
-    ax.set_title(f"Learning per minute on the toy, seed {result['seed']}, {result['steps']} steps x 16 responses", fontsize=9)
+    ax.set_title(title or f"Learning per minute on the toy, seed {result['seed']}, {result['steps']} steps x 16 responses",
+                 fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
