@@ -214,7 +214,10 @@ def reverse_kl_topk(student_buckets: Tensor, teacher_buckets: Tensor) -> Tensor:
     differently the two spread it. Its gradient moves mass between S and T as the full KL's does,
     but does not reshape the student inside T. The teacher's top-k are the largest p, so p_T is
     the smallest tail a k-set can have: on the toy (V = 263) a top-16 leaves almost nothing
-    (bench/estimator_bias.py, bench/RESULTS.md).
+    (bench/estimator_bias.py, bench/RESULTS.md). All of this holds for exact teacher log-probs:
+    from rounded ones (the shards' `packed` codec, 1/32 nat) p_T = 1 - sum_S p is rounding noise
+    once the true tail is below ~1% (clamped near 0 by log1mexp), and the estimate can exceed the
+    full KL (measured 2.5x on the toy's base student: bench/RESULTS.md).
 
     student_buckets, teacher_buckets [n, k+1] log-probs from `topk_buckets`; returns [n]."""
     return kl_divergence(student_buckets, teacher_buckets)
