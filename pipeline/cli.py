@@ -420,9 +420,11 @@ def launch_ray(target, run_dir, config_path, overrides, allow_config_change, rou
     task. An actor lost with its node is rebuilt by Ray (max_restarts=-1) and its call retried there
     (max_task_retries=-1); a restarted driver re-reads RUN_DIR's records and redoes only what they
     lack. Needs the `ray` extra."""
+    from pipeline.executors import require_extra
     from pipeline.executors.ray import RayExecutor
     from stages.launch import ShardEngine, TrainEngine, run_command
 
+    require_extra("ray", "ray", "eopd-pipe launch ray")  # before RUN_DIR is touched
     run, cfg, jobs = launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers)
     if not jobs:
         click.echo(f"{target}: already done in {run.root}")

@@ -153,3 +153,18 @@ def digests_run(run: Path) -> dict[str, str]:
 
 def manifests_run(run: Path) -> dict[str, dict]:
     return {str(p.relative_to(run)): json.loads(p.read_text()) for p in sorted(run.glob("round-*/*/manifest.json"))}
+
+
+def test_without_ray_one_message_naming_the_extra(toy, tmp_path):
+    """Where `import ray` fails (here: made to fail), `launch ray` says which extra to install and
+    leaves RUN_DIR untouched."""
+    import subprocess
+    import sys
+
+    cfg = write_config(tmp_path / "cfg.yaml", toy)
+    code = ("import sys; sys.modules['ray'] = None\nfrom pipeline.cli import main\n"
+            f"main(['launch', 'ray', 'rollout', {str(tmp_path / 'run')!r}, '--config', {str(cfg)!r}], prog_name='eopd-pipe')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "pip install 'eopd-pipe[ray]'" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
