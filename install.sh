@@ -21,6 +21,8 @@ case "$target" in
   gpu) $PIP -e ".[gpu,test${EOPD_EXTRAS:+,$EOPD_EXTRAS}]" ;;
   test)
     EOPD_EXTRAS="trackers,ray,s3test${EOPD_EXTRAS:+,$EOPD_EXTRAS}" cpu
+    # The peer benchmark's TRL (tests/test_peer.py): --no-deps, its own requirements would pull another torch.
+    $PIP --no-deps trl==1.16.0 accelerate==1.15.0
     # A real single-node Slurm for tests/test_slurm.py (its daemons are started and stopped by the tests).
     if ! command -v slurmctld >/dev/null; then
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
