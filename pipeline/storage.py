@@ -288,17 +288,27 @@ def size(p: Location) -> int:
 
 def names(d: Location, pattern: str = "*") -> list[str]:
     """Sorted names of the entries of directory/prefix `d` that match `pattern` (fnmatch)."""
+    return _listing(d, pattern, dirs_only=False)
+
+
+def subdirs(d: Location, pattern: str = "*") -> list[str]:
+    """Names of the sub-directories (prefixes) of `d` matching `pattern`."""
+    return _listing(d, pattern, dirs_only=True)
+
+
+def _listing(d: Location, pattern: str, dirs_only: bool) -> list[str]:
     import fnmatch
 
     if not is_remote(d):
-        return sorted(p.name for p in d.glob(pattern)) if d.is_dir() else []
+        return sorted(p.name for p in d.glob(pattern) if not dirs_only or p.is_dir()) if d.is_dir() else []
     fs, path = _fs(d)
     with errors(d, "list"):
         try:
-            found = fs.ls(path, detail=False, refresh=True)
+            found = fs.ls(path, detail=True, refresh=True)
         except FileNotFoundError:
             return []
-    return sorted(n for n in (f.rstrip("/").rsplit("/", 1)[-1] for f in found) if fnmatch.fnmatch(n, pattern))
+    return sorted(n for n in (f["name"].rstrip("/").rsplit("/", 1)[-1] for f in found
+                              if not dirs_only or f["type"] == "directory") if fnmatch.fnmatch(n, pattern))
 
 
 def sha256_of(p: Location) -> str:
@@ -609,22 +619,6 @@ def local_tree(src: Location, what: str = "directory") -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def subdirs(d: Location, pattern: str = "*") -> list[str]:
-    """Names of the sub-directories (prefixes) of `d` matching `pattern`."""
-    import fnmatch
-
-    if not is_remote(d):
-        return sorted(p.name for p in d.glob(pattern) if p.is_dir()) if d.is_dir() else []
-    fs, path = _fs(d)
-    with errors(d, "list"):
-        try:
-            found = fs.ls(path, detail=True, refresh=True)
-        except FileNotFoundError:
-            return []
-    return sorted(n for n in (f["name"].rstrip("/").rsplit("/", 1)[-1] for f in found if f["type"] == "directory")
-                  if fnmatch.fnmatch(n, pattern))
 
 
 # ----------------------------------------------------------------------------- claims
