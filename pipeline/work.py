@@ -28,7 +28,6 @@ import collections
 import hashlib
 import json
 import os
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,7 +57,11 @@ def test_pause(point: str, index: int, stage: str | None = None) -> None:
     if spec[:2] == [f"{stage}.{point}", str(index)]:
         point = spec[0]
     if spec[:2] == [point, str(index)]:
-        print(f"{TEST_PAUSE_ENV} reached {point}:{index}", file=sys.stderr, flush=True)
+        # The terminal's stderr, not a log: `run` sends its stages' output to RUN_DIR/logs/run.log,
+        # and the kill tests wait for this line on the process's stderr.
+        from pipeline.logs import terminal_stderr
+
+        print(f"{TEST_PAUSE_ENV} reached {point}:{index}", file=terminal_stderr(), flush=True)
         deadline = time.monotonic() + (float(spec[2]) if len(spec) > 2 else 3600)
         while time.monotonic() < deadline and not PREEMPTION.requested:  # a SIGTERM ends the pause (threads too)
             time.sleep(0.05)
