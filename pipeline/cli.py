@@ -107,7 +107,7 @@ def quiet(name: str, dir_param: str = "run_dir"):
                 finally:
                     if log_path(local, name).is_file():
                         with contextlib.suppress(UserError):  # the command's own error is the one to report
-                            storage.write_bytes(root / "logs" / f"{name}.log", log_path(local, name).read_bytes())
+                            storage.write_bytes(log_path(root, name), log_path(local, name).read_bytes())
             # only_inside: a call refused before it creates the directory must not leave it behind.
             with capture_logs(log_path(root, name), only_inside=root):
                 return f(*args, **kwargs)

@@ -521,9 +521,10 @@ def capture_logs(path: str | Path, only_inside: str | Path | None = None,
             failure._eopd_noted = True
 
 
-def log_path(root: str | Path, name: str) -> Path:
-    """The log of command or stage `name` in a run directory: RUN_DIR/logs/NAME.log."""
-    return Path(root) / "logs" / f"{name}.log"
+def log_path(root, name: str):
+    """The log of command or stage `name` in a run directory: RUN_DIR/logs/NAME.log (a local path,
+    or a bucket location as it is: `Path()` would make "s3://b/x" the folder "s3:/b/x")."""
+    return (Path(root) if isinstance(root, str) else root) / "logs" / f"{name}.log"
 
 
 def print_exception_to_terminal(exc: BaseException) -> None:

@@ -135,10 +135,6 @@ def _fs(p: Location):
     return p.fs, p.path
 
 
-def describe(p: Location) -> str:
-    return str(p)
-
-
 # ----------------------------------------------------------------------------- errors
 
 
@@ -178,7 +174,7 @@ def store_error(p: Location, doing: str, e: BaseException) -> UserError:
     """One message for a failed operation on the store: what, where, and the fix."""
     if isinstance(e, UserError):
         return e
-    where = describe(p)
+    where = str(p)
     if not is_remote(p):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return UserError(f"could not {doing} {where}: no space left on the device (or the quota is full); free space "
@@ -276,14 +272,6 @@ def _get(p: Location) -> tuple[str, bytes]:
 
 def read_text(p: Location) -> str:
     return read_bytes(p).decode()
-
-
-def size(p: Location) -> int:
-    if not is_remote(p):
-        return p.stat().st_size
-    fs, path = _fs(p)
-    with errors(p, "look up"):
-        return int(fs.info(path)["size"])
 
 
 def names(d: Location, pattern: str = "*") -> list[str]:
