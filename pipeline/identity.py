@@ -18,7 +18,8 @@ _SKYPILOT = {"skypilot_task_id": "SKYPILOT_TASK_ID", "skypilot_node_rank": "SKYP
 
 def worker_identity() -> dict[str, Any]:
     """A small JSON-able dict; keys of engines the worker is not under are left out."""
-    ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start()}
+    ident: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+    ident.update(_pid_view())
     for key, var in {**_SLURM, **_SKYPILOT}.items():
         if os.environ.get(var):
             ident[key] = os.environ[var]
@@ -47,11 +48,36 @@ def describe_worker(ident: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _process_start() -> float:
-    """This process's start time (epoch seconds); with the pid it tells a reused pid apart."""
+def holder_gone(ident: dict[str, Any]) -> bool:
+    """True when `ident` names a process that we can see is gone: it ran under this kernel boot and
+    in this pid namespace (so its pid means the same process here), and that pid is no longer
+    running, or now belongs to a process started at another time. False whenever we cannot tell
+    (another machine or container): then only the lease's expiry frees its work. This is what lets
+    a command restarted after a kill -9 on the same machine go on at once, as the OS frees an
+    fcntl lock of a dead process on a local disk."""
+    view = _pid_view()
+    if not view or any(ident.get(k) != v for k, v in view.items()) or not isinstance(ident.get("pid"), int):
+        return False
+    if not os.path.exists(f"/proc/{ident['pid']}"):
+        return True
+    started = _process_start(ident["pid"], fallback=None)
+    return started is not None and "started" in ident and abs(started - float(ident["started"])) > 0.05
+
+
+def _pid_view() -> dict[str, str]:
+    """The kernel boot and pid namespace this process sees pids in; {} where /proc cannot tell."""
     try:
-        ticks = int(open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19])
+        return {"boot_id": open("/proc/sys/kernel/random/boot_id").read().strip(),
+                "pid_ns": os.readlink("/proc/self/ns/pid")}
+    except OSError:
+        return {}
+
+
+def _process_start(pid: int, fallback: float | None = -1.0) -> float | None:
+    """A process's start time (epoch seconds); with the pid it tells a reused pid apart."""
+    try:
+        ticks = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19])
         boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
         return round(boot + ticks / os.sysconf("SC_CLK_TCK"), 2)
     except (OSError, ValueError, IndexError, StopIteration):
-        return round(time.time(), 2)
+        return round(time.time(), 2) if fallback == -1.0 else fallback

@@ -67,8 +67,13 @@ def write_shard(final: Location, table: pa.Table, metadata: dict[str, str], toke
         pq.write_table(table, tmp, compression="zstd", compression_level=ZSTD_LEVEL)
         info.append(ShardInfo(rows=table.num_rows, bytes=tmp.stat().st_size, sha256=storage.sha256_of(tmp), tokens=tokens))
 
-    storage.write_file(final, fill, before_rename, doing="write the shard")
-    return info[0]
+    if storage.write_file(final, fill, before_rename, doing="write the shard", exclusive=True):
+        return info[0]
+    # A bucket already holds this shard: the worker that took over our lease wrote it. Its bytes
+    # stand (its record, if made, names them); we record the same, never a second version.
+    body = storage.read_bytes(final)
+    rows = pq.ParquetFile(pa.BufferReader(body)).metadata.num_rows
+    return ShardInfo(rows=rows, bytes=len(body), sha256=hashlib.sha256(body).hexdigest(), tokens=tokens)
 
 
 def file_metadata(path: Location) -> dict[str, str]:

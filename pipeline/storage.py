@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 from pipeline.errors import UserError
-from pipeline.identity import worker_identity
+from pipeline.identity import holder_gone, worker_identity
 
 Location = Union[Path, "UPath"]  # noqa: F821 (upath is imported only for bucket URLs)
 
@@ -337,11 +337,15 @@ def remove_stale_tmp(final: Location) -> None:
 
 
 def write_file(final: Location, fill: Callable[[Path], None], before_commit: Callable[[], None] | None = None,
-               doing: str = "write") -> Path | None:
+               doing: str = "write", exclusive: bool = False) -> bool:
     """`fill(path)` writes a local file; it then becomes `final`, complete or not at all.
 
     Locally the file is written beside `final` and renamed; for a bucket it is written to a local
-    temporary file and uploaded in one PUT. Returns the local file written (locally: `final`)."""
+    temporary file and uploaded in one PUT. `exclusive` (a bucket only): the PUT is a conditional
+    create, so an object already at `final` is kept as it is, and False is returned. A worker
+    whose lease was taken over while it computed (it froze, or lost the store for a while) must
+    not replace the shard its successor wrote and recorded: that record's checksum names those
+    bytes. Locally the fcntl lock is never lost while its holder lives, so a rename is enough."""
     if not is_remote(final):
         tmp = tmp_name(final)
         try:
@@ -358,14 +362,22 @@ def write_file(final: Location, fill: Callable[[Path], None], before_commit: Cal
             if isinstance(e, OSError):
                 raise store_error(final, doing, e) from None
             raise
-        return final
+        return True
     with tempfile.TemporaryDirectory(prefix="eopd-put-") as d:
         tmp = Path(d) / final.name
         fill(tmp)
         if before_commit is not None:
             before_commit()
-        _put(final, tmp.read_bytes(), doing)
-    return None
+        if not exclusive:
+            _put(final, tmp.read_bytes(), doing)
+            return True
+        try:
+            _put(final, tmp.read_bytes(), doing, mode="create")
+        except Exception as e:
+            if not _precondition_failed(e):
+                raise
+            return False
+    return True
 
 
 def write_bytes(final: Location, data: bytes, doing: str = "write") -> None:
@@ -720,8 +732,9 @@ def claim(p: Location) -> Claim | None:
         return None
     try:
         held = json.loads(body)
-        expired = time.time() - float(held["renewed"]) > float(held.get("expires_s", ttl))
-    except (ValueError, KeyError, TypeError):
+        expired = (time.time() - float(held["renewed"]) > float(held.get("expires_s", ttl))
+                   or holder_gone(held.get("worker", {})))
+    except (ValueError, KeyError, TypeError, AttributeError):
         expired = True  # not a lease of ours: treat as stale
     if not expired:
         return None
@@ -744,5 +757,5 @@ def leases(d: Location) -> list[dict[str, Any]]:
             held = json.loads(read_bytes(d / name))
             age = time.time() - float(held["renewed"])
             out.append({"name": name, "worker": held.get("worker", {}), "age_s": age,
-                        "expired": age > float(held.get("expires_s", _LEASE_DEFAULT))})
+                        "expired": age > float(held.get("expires_s", _LEASE_DEFAULT)) or holder_gone(held.get("worker", {}))})
     return out

@@ -490,9 +490,9 @@ def repair_stage(run: RunDir, r: int, stage: str, held: dict) -> list[str]:
             pass
     elif not files:
         return []
-    busy = [p for p in (stage_dir / ".locks").glob("*.lock") if holder(p, held) is not None]
+    busy = live_claims(stage_dir / ".locks", held, "*.lock")  # fcntl locks here, or a bucket's live leases
     if busy:
-        raise UserError(f"{stage_dir} is being written by {describe_process(holder(busy[0], held))}; "
+        raise UserError(f"{stage_dir} is being written by {busy[0][1]}; "
                         f"stop it (or let it finish) before `status --repair`")
     good: dict[int, ShardInfo] = {}
     metas, report = [], []

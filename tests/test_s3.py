@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -117,34 +118,47 @@ time.sleep(3600)
 """
 
 
-def test_lease_of_a_killed_worker_expires_and_a_live_one_is_renewed(s3, tmp_path):
-    """A lease is renewed while its holder lives (held past several lifetimes) and taken over once
-    its holder is killed with SIGKILL and it has expired; never before."""
+def test_lease_renewed_while_alive_expires_when_frozen_and_is_freed_when_its_holder_dies(s3, tmp_path):
+    """A lease is renewed while its holder lives (held past several lifetimes); a frozen holder
+    (SIGSTOP: alive, as one cut off from the store) loses it only once it has expired; a holder
+    killed on this machine (its pid gone) frees it at once, as the OS frees a dead process's lock."""
     from pipeline import storage
+    from pipeline.identity import holder_gone, worker_identity
 
-    url = f"s3://{s3.bucket()}/run/.locks/part-00003.parquet.lock"
+    assert not holder_gone(worker_identity())
+    assert not holder_gone({**worker_identity(), "boot_id": "another-machine", "pid": 2 ** 22 + 7})
     env = {**os.environ, "EOPD_LEASE_SECONDS": "2", "PYTHONPATH": str(REPO)}
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url], env=env, stdout=subprocess.PIPE, text=True)
+    os.environ["EOPD_LEASE_SECONDS"] = "2"
     try:
-        assert holder.stdout.readline().strip() == "held"
-        os.environ["EOPD_LEASE_SECONDS"] = "2"
-        time.sleep(5)  # 2.5 lifetimes: alive only through its renewals
-        assert storage.claim(storage.location(url)) is None
-        lease = storage.leases(storage.location(url).parent)
-        assert len(lease) == 1 and lease[0]["worker"]["pid"] == holder.pid and not lease[0]["expired"]
-        holder.kill()
-        holder.wait()
-        t0 = time.monotonic()
-        while (c := storage.claim(storage.location(url))) is None:
-            assert time.monotonic() - t0 < 15
-            time.sleep(0.2)
-        waited = time.monotonic() - t0
-        assert waited > 0.5  # not at once: its last renewal had to age past 2 s
-        c.release()
+        for ending in ("freeze", "kill"):
+            url = f"s3://{s3.bucket()}/run/.locks/part-{ending}.parquet.lock"
+            holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url], env=env, stdout=subprocess.PIPE, text=True)
+            try:
+                assert holder.stdout.readline().strip() == "held"
+                time.sleep(5)  # 2.5 lifetimes: alive only through its renewals
+                assert storage.claim(storage.location(url)) is None
+                lease = storage.leases(storage.location(url).parent)
+                assert len(lease) == 1 and lease[0]["worker"]["pid"] == holder.pid and not lease[0]["expired"]
+                if ending == "freeze":
+                    holder.send_signal(signal.SIGSTOP)
+                else:
+                    holder.kill()
+                    holder.wait()
+                t0 = time.monotonic()
+                while (c := storage.claim(storage.location(url))) is None:
+                    assert time.monotonic() - t0 < 15
+                    time.sleep(0.2)
+                waited = time.monotonic() - t0
+                if ending == "freeze":
+                    assert waited > 0.5  # not at once: its last renewal had to age past 2 s
+                else:
+                    assert waited < 0.5  # the first try: its holder is seen gone
+                c.release()
+            finally:
+                holder.kill()
+                holder.wait()
     finally:
         os.environ.pop("EOPD_LEASE_SECONDS", None)
-        if holder.poll() is None:
-            holder.kill()
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -288,6 +302,21 @@ def test_stage_commands_and_tools_on_a_bucket(s3, local_ref):
     assert _losses(root)["round-0000"] == _losses(ref)["round-0000"]
     res = run_cli("status", url, "--verify")
     assert res.returncode == 0 and "round 0" in res.stdout, res.stdout + res.stderr
+    # --repair on a bucket: refused while a live lease is held there, then rebuilds a lost manifest as it was.
+    rollouts = root / "round-0000" / "rollouts"
+    before = storage.read_text(rollouts / "manifest.json")
+    storage.remove(rollouts / "manifest.json")
+    lease = storage.claim(rollouts / ".locks" / "part-00000.parquet.lock")  # this test process, alive
+    try:
+        res = run_cli("status", url, "--repair")
+        assert res.returncode == 2 and "before `status --repair`" in res.stderr, res.stdout + res.stderr
+        assert f"pid {os.getpid()}" in res.stderr, res.stderr
+    finally:
+        lease.release()
+    res = run_cli("status", url, "--repair", "--verify")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "repair: round 0 rollouts: manifest.json rebuilt from" in res.stdout, res.stdout
+    assert json.loads(storage.read_text(rollouts / "manifest.json")) == json.loads(before)
     res = run_cli("eval", url, "--model", "round-0")
     assert res.returncode == 0, res.stderr[-3000:]
     assert storage.is_file(root / "eval" / "round-0.json")
@@ -304,31 +333,54 @@ def test_stage_commands_and_tools_on_a_bucket(s3, local_ref):
 
 
 @pytest.mark.slow
-def test_workers_on_a_bucket_one_killed_mid_shard(s3, local_ref, toy):
-    """Three rollout workers on one bucket at once; one is killed with SIGKILL while it holds shard 1:
-    the others finish the rest, wait for its lease to expire and redo shard 1; every shard is recorded
-    once and the rows equal the local run's."""
+def test_workers_on_a_bucket_one_frozen_mid_shard_all_finish(s3, local_ref, toy):
+    """Three rollout workers on one bucket at once. One freezes (SIGSTOP, as a worker cut off from
+    the store: alive, so nothing tells the others it is gone) holding shards 1 and 2 (the second
+    claimed ahead, see ShardWorker), with shard 1 computed but not yet written. The others finish
+    the rest, wait for its leases to expire and redo its shards. Then it thaws and finishes too:
+    both wrote shards 1 and 2, and each is recorded once, with one object whose bytes equal the
+    local run's. (A holder seen dead on the same machine is taken over at once: the lease test
+    above and the persistent run's kill test.)"""
     from pipeline import storage
 
     cfg, ref = local_ref
     url = f"s3://{s3.bucket()}/runs/workers"
     env = {"EOPD_LEASE_SECONDS": "4"}
-    victim = spawn_cli("rollout", url, "--config", cfg, env={**env, "EOPD_TEST_PAUSE": "shard_compute:1"})
+    # The victim's own leases live 20 s (their expiry is written in them), so the status screen below
+    # sees them live on a slow machine; the pause ends 30 s after it began, long over once it thaws.
+    victim = spawn_cli("rollout", url, "--config", cfg,
+                       env={"EOPD_LEASE_SECONDS": "20", "EOPD_TEST_PAUSE": "shard_compute:1:30"})
     wait_for_line(victim, "EOPD_TEST_PAUSE reached shard_compute:1")
-    res = run_cli("status", url, "--no-health")  # the status screen names the holder and its lease's age
-    assert res.returncode == 0, res.stderr[-2000:]
-    line = next(line for line in res.stdout.splitlines() if line.lstrip().startswith("rollouts"))
-    assert f"shard(s) [1] by {socket.gethostname()} pid {victim.pid}" in line and "lease" in line, res.stdout
-    others = [spawn_cli("rollout", url, "--config", cfg, env=env) for _ in range(2)]
-    kill_group(victim, signal.SIGKILL)
-    for p in others:
-        out, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err[-3000:]
-    root = storage.location(url)
+    os.killpg(victim.pid, signal.SIGSTOP)
+    try:
+        res = run_cli("status", url, "--no-health")  # the status screen names the holder and its lease's age
+        assert res.returncode == 0, res.stderr[-2000:]
+        line = next(line for line in res.stdout.splitlines() if line.lstrip().startswith("rollouts"))
+        held = re.search(r"shard\(s\) \[([\d, ]+)\] by (\S+) pid (\d+), lease \d+ s old", line)
+        assert held, res.stdout
+        assert 1 in {int(x) for x in held.group(1).split(",")}, res.stdout
+        assert (held.group(2), int(held.group(3))) == (socket.gethostname(), victim.pid), res.stdout
+        others = [spawn_cli("rollout", url, "--config", cfg, env=env) for _ in range(2)]
+        for p in others:
+            out, err = p.communicate(timeout=900)
+            assert p.returncode == 0, err[-3000:]
+        root = storage.location(url)
+        fs, stage = root.fs, (root / "round-0000" / "rollouts").path
+        written = {i: fs.info(f"{stage}/part-0000{i}.parquet", refresh=True)["LastModified"] for i in (1, 2)}
+        time.sleep(1.5)  # LastModified has 1 s resolution: a replaced object would show a later one
+        os.killpg(victim.pid, signal.SIGCONT)
+        assert victim.wait(timeout=900) == 0, rest_of_stderr(victim)[-3000:]
+    finally:
+        if victim.poll() is None:
+            kill_group(victim, signal.SIGKILL)
+    # The thawed worker wrote its shards with a conditional create: the successors' objects stand.
+    assert {i: fs.info(f"{stage}/part-0000{i}.parquet", refresh=True)["LastModified"] for i in (1, 2)} == written
     m = json.loads(storage.read_text(root / "round-0000" / "rollouts" / "manifest.json"))
     assert m["complete"] and len(m["shards"]) == m["num_shards"]
     want = {k: v for k, v in _tables(ref).items() if k.startswith("round-0000/rollouts")}
     assert _tables(root) == want
+    res = run_cli("status", url, "--verify", "--no-health")  # the records' checksums name the objects' bytes
+    assert res.returncode == 0, res.stdout + res.stderr
     assert not storage.leases(root / "round-0000" / "rollouts" / ".locks")  # all released
 
 

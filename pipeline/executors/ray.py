@@ -26,7 +26,11 @@ from pipeline.rundir import RunDir
 
 # Environment a worker needs that a fresh Ray worker process would not have (Ray starts workers from
 # its raylet, not from the driver): where eopd-pipe is imported from, and the engines' switches.
-FORWARDED_ENV = ("PYTHONPATH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "EOPD_TEST_PAUSE")
+# Where the run directory's bucket is and how claims behave, so actors on every node reach the same
+# store. Not the secret keys: a runtime_env is kept in Ray's control store and shown by its dashboard;
+# nodes take credentials as any AWS client does (instance role, ~/.aws, the env of `ray start`).
+FORWARDED_ENV = ("PYTHONPATH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "EOPD_TEST_PAUSE", "EOPD_LEASE_SECONDS",
+                 "EOPD_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 FORWARDED_PREFIXES = ("VLLM_",)
 
 
