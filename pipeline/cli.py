@@ -378,15 +378,20 @@ def launch_local(target, run_dir, config_path, overrides, allow_config_change, r
                    "only, e.g. --sbatch-arg=train:--gres=gpu:4 (STAGE: rollout, score-teacher, train, finish). Repeatable.")
 @click.option("--signal-seconds", type=int, default=120, show_default=True,
               help="SIGTERM this long before the time limit (--signal=B:TERM@S): the task stops cleanly and requeues itself.")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the batch scripts and the tasks' Slurm logs go (a file system the nodes share). "
+                   "Default: RUN_DIR/logs/slurm; for a bucket RUN_DIR, ./eopd-slurm-logs/BUCKET/PREFIX/logs/slurm.")
 @click.option("--dry-run", is_flag=True, help="Print the batch scripts and sbatch commands; submit and write nothing.")
 @handle_errors
 def launch_slurm(target, run_dir, config_path, overrides, allow_config_change, round_index, workers,
-                 array_parallelism, sbatch_args, signal_seconds, dry_run):
+                 array_parallelism, sbatch_args, signal_seconds, log_dir, dry_run):
     """Submit TARGET as sbatch job arrays, once: task i of N runs the stage with
     `--worker $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`; each job waits for the previous one
     (afterok: rollout -> score-teacher -> train -> next round). `--requeue` and a SIGTERM before the
     time limit bring back a preempted or timed-out task, which resumes from RUN_DIR. Scripts and
-    logs: RUN_DIR/logs/slurm/. Follow it with `eopd-pipe status RUN_DIR` (or squeue)."""
+    logs: RUN_DIR/logs/slurm/ (see --log-dir for a bucket RUN_DIR). Follow it with `eopd-pipe
+    status RUN_DIR` (or squeue). The tasks get the submitting shell's environment (sbatch's
+    default), so AWS_* settings for a bucket RUN_DIR reach them without being written anywhere."""
     from pipeline.executors.slurm import SlurmExecutor, check_slurm_tools, parse_sbatch_arg
 
     for arg in sbatch_args:  # the user's mistakes are told before RUN_DIR is touched
@@ -400,7 +405,8 @@ def launch_slurm(target, run_dir, config_path, overrides, allow_config_change, r
     if not jobs:
         click.echo(f"{target}: already done in {run.root}; nothing to submit")
         return
-    SlurmExecutor(run, cfg, array_parallelism, sbatch_args, signal_seconds).launch(jobs, dry_run=dry_run, echo=click.echo)
+    SlurmExecutor(run, cfg, array_parallelism, sbatch_args, signal_seconds, log_dir=log_dir).launch(
+        jobs, dry_run=dry_run, echo=click.echo)
 
 
 @launch.command("ray", context_settings=CONTEXT)

@@ -14,7 +14,11 @@ shard has one owner, with no coordination beyond the run directory. How a lost t
     dependents waiting. `--kill-on-invalid-dep=yes`: a job whose upstream failed is cancelled
     rather than left pending forever.
 Logs and the scripts submitted go to RUN_DIR/logs/slurm/ (one file per task: NAME-ARRAYID_TASK.out,
-appended to across requeues); RUN_DIR/logs/slurm/jobs.jsonl lists every submission.
+appended to across requeues); RUN_DIR/logs/slurm/jobs.jsonl lists every submission. A RUN_DIR on a
+bucket works the same, except that sbatch reads its script and writes the task logs on a file
+system, never a bucket: those go to `--log-dir` (default ./eopd-slurm-logs/BUCKET/PREFIX under the
+submitting directory, which a cluster shares with its nodes); jobs.jsonl stays in RUN_DIR and
+names that directory, so `eopd-pipe status` finds both.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ import subprocess
 import time
 from typing import Sequence
 
+from pathlib import Path
+
+from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.executors.base import Executor, Job
 from pipeline.rundir import RunDir, atomic_write_text
@@ -41,14 +48,16 @@ class SlurmExecutor(Executor):
     name = "slurm"
 
     def __init__(self, run: RunDir, cfg: Config, array_parallelism: int | None = None,
-                 sbatch_args: Sequence[str] = (), signal_seconds: int = 120, python: str | None = None) -> None:
+                 sbatch_args: Sequence[str] = (), signal_seconds: int = 120, python: str | None = None,
+                 log_dir: Path | None = None) -> None:
         super().__init__(run, cfg, python)
         if array_parallelism is not None and array_parallelism < 1:
             raise UserError(f"--array-parallelism {array_parallelism}: need at least 1")
         self.array_parallelism = array_parallelism
         self.signal_seconds = signal_seconds
         self.sbatch_args = [parse_sbatch_arg(a) for a in sbatch_args]
-        self.log_dir = run.root / "logs" / "slurm"
+        self.records = run.root / "logs" / "slurm"  # jobs.jsonl: in RUN_DIR, wherever it is
+        self.log_dir = slurm_log_dir(run, log_dir)  # scripts and task logs: a file system sbatch can use
 
     def job_name(self, job: Job) -> str:
         return f"eopd-{self.run.root.name}-{job.name}"
@@ -136,11 +145,21 @@ class SlurmExecutor(Executor):
                 raise UserError(f"sbatch {path} failed (exit {res.returncode}): {res.stderr.strip()}{done}")
             previous = res.stdout.strip().split(";")[0]  # "ID" or "ID;CLUSTER"
             ids.append(previous)
-            with open(self.log_dir / "jobs.jsonl", "a") as f:
-                f.write(json.dumps({"time": time.time(), "job": job.name, "slurm_job_id": previous,
-                                    "workers": job.workers, "after": ids[-2] if len(ids) > 1 else None}) + "\n")
+            storage.append_text(self.records / "jobs.jsonl", json.dumps(
+                {"time": time.time(), "job": job.name, "slurm_job_id": previous, "workers": job.workers,
+                 "after": ids[-2] if len(ids) > 1 else None, "log_dir": str(self.log_dir)}) + "\n")
             echo(f"submitted {job.name}: job {previous} ({job.workers} task(s)), log {self.log_dir}/{job.name}-{previous}_*.out")
         return ids
+
+
+def slurm_log_dir(run: RunDir, given: Path | None) -> Path:
+    """Where sbatch scripts and task logs go: `given`, else RUN_DIR/logs/slurm for a local RUN_DIR,
+    else ./eopd-slurm-logs/BUCKET/PREFIX (a bucket is no place for sbatch's --output)."""
+    if given is not None:
+        return Path(given).resolve()
+    if not storage.is_remote(run.root):
+        return run.root / "logs" / "slurm"
+    return Path("eopd-slurm-logs", run.root.path.strip("/"), "logs", "slurm").resolve()
 
 
 def check_slurm_tools() -> None:
@@ -171,10 +190,11 @@ def slurm_status_lines(run: RunDir) -> list[str]:
     """What `eopd-pipe launch slurm` submitted to RUN_DIR and where each task last ran, without sacct:
     RUN_DIR/logs/slurm/jobs.jsonl, the first line each task start writes to its log, and squeue for
     the tasks still queued or running (where squeue is on PATH). For `eopd-pipe status`."""
-    log_dir = run.root / "logs" / "slurm"
-    if not (log_dir / "jobs.jsonl").is_file():
+    try:
+        text = storage.read_text(run.root / "logs" / "slurm" / "jobs.jsonl")
+    except FileNotFoundError:
         return []
-    jobs = [json.loads(line) for line in (log_dir / "jobs.jsonl").read_text().splitlines() if line.strip()]
+    jobs = [json.loads(line) for line in text.splitlines() if line.strip()]
     states: dict[str, str] = {}
     if shutil.which("squeue"):
         ids = ",".join(j["slurm_job_id"] for j in jobs)
@@ -182,6 +202,11 @@ def slurm_status_lines(run: RunDir) -> list[str]:
         states = dict(line.split() for line in res.stdout.splitlines() if len(line.split()) == 2)
     lines = []
     for j in jobs:
+        log_dir = Path(j["log_dir"]) if "log_dir" in j else run.root / "logs" / "slurm"
+        if not log_dir.is_dir():  # status asked from a machine that does not see the cluster's files
+            lines.append(f"{j['job']}: job {j['slurm_job_id']}, {j['workers']} task(s); task logs in {log_dir} "
+                         f"on the cluster (not on this machine)")
+            continue
         for t in range(j["workers"]):
             task = f"{j['slurm_job_id']}_{t}"
             log = _read_lines(log_dir / f"{j['job']}-{task}.out")
