@@ -261,7 +261,7 @@ def run_cmd(run_dir, config_path, overrides, allow_config_change, per_stage_proc
     cfg = resolve_config(run, config_path, overrides)
     models = run_all(run, cfg, allow_config_change, per_stage_processes)
     if models:
-        results = [json.loads((run.root / "eval" / f"{m}.json").read_text()) for m in models]
+        results = [json.loads(storage.read_text(run.root / "eval" / f"{m}.json")) for m in models]
         click.echo(format_eval_table(results))
     for path in make_report(run):
         click.echo(f"plot: {path}")

@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from pipeline import storage
+
 KL_RISE = 1.25  # start-of-round KL this many times the previous round's: "well above"
 KL_RISE_MIN = 0.05  # nats per token; a smaller rise is within sampling noise of a few thousand responses
 LENGTH_SHARE = 0.5  # "most responses" ended at max_tokens
@@ -84,8 +86,6 @@ def _whole(frac: str) -> bool:
 
 def _root(run_dir):
     # A RunDir or a path (not getattr(.., "root"): every Path has a .root, "/")
-    from pipeline import storage
-
     return run_dir.root if hasattr(run_dir, "round_dir") else storage.location(run_dir)
 
 
@@ -94,11 +94,11 @@ def _stage_files(stage_dir: Path) -> tuple[list[Path], int | None]:
     the planned number of shards (None without a readable manifest)."""
     manifest = stage_dir / "manifest.json"
     try:
-        data = json.loads(manifest.read_text())
+        data = json.loads(storage.read_text(manifest))
         names = sorted(data["shards"])
-        return [stage_dir / n for n in names if (stage_dir / n).is_file()], int(data["num_shards"])
+        return [stage_dir / n for n in names if storage.is_file(stage_dir / n)], int(data["num_shards"])
     except (OSError, ValueError, KeyError, TypeError):
-        return sorted(stage_dir.glob("part-[0-9]*.parquet")), None
+        return [stage_dir / n for n in storage.names(stage_dir, "part-[0-9]*.parquet")], None
 
 
 def _flat(table, column: str):
@@ -148,10 +148,10 @@ def _length_fraction(stage_dir: Path, h: RoundHealth) -> None:
 
 
 def _metrics(path: Path, h: RoundHealth) -> None:
-    if not path.is_file():
+    if not storage.is_file(path):
         return
     entropies, gates = [], []
-    for line in path.read_text().splitlines():
+    for line in storage.read_text(path).splitlines():
         try:
             m = json.loads(line)  # json reads NaN and Infinity, as json.dumps wrote them
         except ValueError:
@@ -171,9 +171,9 @@ def _metrics(path: Path, h: RoundHealth) -> None:
 
 
 def _pass_at_k(root: Path, h: RoundHealth) -> None:
-    for path in sorted((root / "eval").glob("*.json")):
+    for path in [root / "eval" / n for n in storage.names(root / "eval", "*.json")]:
         try:
-            result = json.loads(path.read_text())
+            result = json.loads(storage.read_text(path))
         except (OSError, ValueError):
             continue
         if isinstance(result, dict) and result.get("round") == h.round and isinstance(result.get("pass_at_k"), dict):
@@ -182,7 +182,7 @@ def _pass_at_k(root: Path, h: RoundHealth) -> None:
 
 def _config(root: Path, h: RoundHealth) -> None:
     try:
-        cfg = yaml.safe_load((root / "config.yaml").read_text()) or {}
+        cfg = yaml.safe_load(storage.read_text(root / "config.yaml")) or {}
         h.lr = cfg.get("train", {}).get("lr")
         h.max_tokens = cfg.get("rollout", {}).get("max_tokens")
     except (OSError, yaml.YAMLError, AttributeError):
@@ -242,7 +242,7 @@ def run_health(run_dir: str | Path, rounds: list[int] | None = None) -> list[tup
     """(figures, warnings) of each round present in `run_dir` (or of `rounds`), in order."""
     root = _root(run_dir)
     if rounds is None:
-        rounds = sorted(int(p.name[6:]) for p in root.glob("round-[0-9][0-9][0-9][0-9]") if p.is_dir())
+        rounds = sorted(int(n[6:]) for n in storage.subdirs(root, "round-[0-9][0-9][0-9][0-9]"))
     out, prev = [], None
     for r in rounds:
         h = round_health(root, r)

@@ -238,14 +238,42 @@ def is_file(p: Location) -> bool:
     missing key, and answers False when the store cannot be reached: that must be an error)."""
     if not is_remote(p):
         return p.is_file()
-    fs, _ = _fs(p)
-    bucket, key = _bucket_key(p)
     try:
-        with errors(p, "look up"):
-            fs.call_s3("head_object", Bucket=bucket, Key=key)
+        _head(p)
         return True
     except FileNotFoundError:
         return False
+
+
+def _head(p: Location) -> dict[str, Any]:
+    """The HEAD of object `p`; FileNotFoundError when it is not there."""
+    fs, _ = _fs(p)
+    bucket, key = _bucket_key(p)
+    with errors(p, "look up"):
+        return fs.call_s3("head_object", Bucket=bucket, Key=key)
+
+
+def is_dir(d: Location) -> bool:
+    """Whether directory/prefix `d` exists. On a bucket a prefix exists through its objects: one
+    listing of at most one key (fsspec's isdir answers False when the store cannot be reached: that
+    must be an error; it also takes an object `d` for a directory)."""
+    if not is_remote(d):
+        return d.is_dir()
+    fs, _ = _fs(d)
+    bucket, key = _bucket_key(d)
+    try:
+        with errors(d, "list"):
+            found = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{key.rstrip('/')}/" if key else "", MaxKeys=1)
+    except FileNotFoundError:  # no such bucket
+        return False
+    return bool(found.get("KeyCount") or found.get("Contents"))
+
+
+def size(p: Location) -> int:
+    """The file's or object's size in bytes (one HEAD on a bucket); FileNotFoundError when it is not there."""
+    if not is_remote(p):
+        return p.stat().st_size
+    return int(_head(p)["ContentLength"])
 
 
 def read_bytes(p: Location) -> bytes:

@@ -367,8 +367,8 @@ def _first_line(e: BaseException) -> str:
 def _metrics(run: RunDir, r: int) -> list[dict[str, Any]]:
     path = run.stage_dir(r, "train") / "metrics.jsonl"
     out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
+    if storage.is_file(path):
+        for line in storage.read_text(path).splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:
@@ -381,9 +381,10 @@ def _metrics(run: RunDir, r: int) -> list[dict[str, Any]]:
 def curve_points(run: RunDir) -> dict[str, tuple[int, dict[str, Any]]]:
     """model -> (global step, result) of the learning curve's evals, in step order (base first)."""
     out = {}
-    for path in sorted((run.root / "eval" / "curve").glob("*.json")):
+    d = run.root / "eval" / "curve"
+    for path in (d / n for n in storage.names(d, "*.json")):
         try:
-            result = json.loads(path.read_text())
+            result = json.loads(storage.read_text(path))
         except (OSError, ValueError):
             continue
         if isinstance(result, dict) and isinstance(result.get("pass_at_k"), dict):

@@ -53,7 +53,7 @@ _MODEL_ORDER = re.compile(r"round-(\d+)")
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of one metrics.jsonl. A torn last line (training killed mid-write) is skipped;
     a bad line elsewhere is an error naming the file and line."""
-    lines = path.read_text().splitlines()
+    lines = storage.read_text(path).splitlines()
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -76,14 +76,14 @@ def run_metrics(run: RunDir) -> dict[int, list[dict[str, Any]]]:
     out = {}
     for r in run.rounds_present():
         path = run.stage_dir(r, "train") / "metrics.jsonl"
-        if path.is_file() and (records := read_metrics(path)):
+        if storage.is_file(path) and (records := read_metrics(path)):
             out[r] = records
     return out
 
 
 def read_eval(path: Path) -> dict[str, Any]:
     try:
-        result = json.loads(path.read_text())
+        result = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e}); run `eopd-pipe eval` for that model again") from None
     if not isinstance(result, dict) or not isinstance(result.get("pass_at_k"), dict):
@@ -99,7 +99,8 @@ def _model_key(name: str) -> tuple:
 
 def run_evals(run: RunDir) -> dict[str, dict[str, Any]]:
     """model name -> eval result, in the order base, round-N..., final, teacher, others."""
-    found = {p.stem: read_eval(p) for p in (run.root / "eval").glob("*.json") if p.is_file()}
+    d = run.root / "eval"
+    found = {p.stem: read_eval(p) for p in (d / n for n in storage.names(d, "*.json")) if storage.is_file(p)}
     return {name: found[name] for name in sorted(found, key=_model_key)}
 
 
@@ -234,7 +235,8 @@ def plot_training(metrics: dict[int, list[dict[str, Any]]], out_dir: Path) -> li
 def read_curve(run: RunDir) -> dict[str, dict[str, Any]]:
     """The learning curve's evals (RUN_DIR/eval/curve/*.json, see stages/run.py: Watch): model -> result."""
     out = {}
-    for path in sorted((run.root / "eval" / "curve").glob("*.json")):
+    d = run.root / "eval" / "curve"
+    for path in (d / n for n in storage.names(d, "*.json")):
         out[path.stem] = read_eval(path)
     return out
 
@@ -287,7 +289,7 @@ def plot_eval(evals: dict[str, dict[str, Any]], out_dir: Path, title: str) -> Pa
 
 def make_report(run: RunDir) -> list[Path]:
     """Every plot the run's data allows, into RUN_DIR/report/; returns the written paths."""
-    if not run.root.is_dir():
+    if not storage.is_dir(run.root):
         raise UserError(f"{run.root} does not exist; give the RUN_DIR of a run")
     out_dir = run.root / "report"
     metrics = run_metrics(run)
@@ -338,11 +340,11 @@ def describe_objective(cfg: dict[str, Any]) -> str:
 
 
 def summarize_run(run: RunDir, label: str) -> RunSummary:
-    if not run.config_path.is_file():
+    if not storage.is_file(run.config_path):
         raise UserError(f"{run.root} has no config.yaml: not a run directory of eopd-pipe (give RUN_DIRs that "
                         f"`eopd-pipe run` or a stage has written)")
     try:
-        cfg = load_yaml(run.config_path.read_text()) or {}
+        cfg = load_yaml(storage.read_text(run.config_path)) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{run.config_path} is not valid YAML: {e}") from None
     evals = run_evals(run)
@@ -455,7 +457,7 @@ def compare_runs(runs: Sequence[RunDir], out_dir: Path) -> tuple[str, Path]:
     if not runs:
         raise UserError("compare needs at least one RUN_DIR")
     for run in runs:
-        if not run.root.is_dir():
+        if not storage.is_dir(run.root):
             raise UserError(f"{run.root} does not exist; give the RUN_DIRs of existing runs")
     summaries = [summarize_run(run, label) for run, label in zip(runs, _labels(runs))]
     if not any(s.final or s.metrics for s in summaries):

@@ -411,7 +411,7 @@ def run_all(run: RunDir, cfg: Config, allow_config_change: bool = False, per_sta
                     from stages.eval import resolve_model, run_eval
 
                     for model in cfg.eval.models:
-                        if not (run.root / "eval" / f"{model}.json").is_file():
+                        if not storage.is_file(run.root / "eval" / f"{model}.json"):
                             watch.say(f"eval: {model} on {_problems(cfg)} problems x {cfg.eval.samples} samples ...")
                             sampler = roles.eval_sampler(resolve_model(run, cfg, model).path) if roles else None
                             if sampler is not None:
@@ -485,7 +485,7 @@ class Watch:
         if not ec.every_rounds or ec.prompts is None:
             return
         out = self.run.root / "eval" / "curve" / f"{model}.json"
-        if out.is_file():
+        if storage.is_file(out):
             return
         from stages.eval import resolve_model, run_eval
 
@@ -519,7 +519,7 @@ class Watch:
         results = []
         for m in models:
             try:
-                results.append(json.loads((self.run.root / "eval" / f"{m}.json").read_text()))
+                results.append(json.loads(storage.read_text(self.run.root / "eval" / f"{m}.json")))
             except (OSError, ValueError):
                 pass
         self.trackers.send_eval_table(results, self.progress.step)
@@ -532,7 +532,7 @@ class Watch:
 def _last_record(run: RunDir, r: int) -> dict | None:
     path = run.stage_dir(r, "train") / "metrics.jsonl"
     try:
-        lines = path.read_text().splitlines()
+        lines = storage.read_text(path).splitlines()
     except OSError:
         return None
     for line in reversed(lines):

@@ -156,11 +156,11 @@ def checkpoints(train_dir) -> list:
 
 def train_line(run: RunDir, r: int, held: dict) -> tuple[str, bool]:
     train_dir = run.stage_dir(r, "train")
-    ckpts = checkpoints(train_dir) if train_dir.is_dir() else []
+    ckpts = checkpoints(train_dir)  # none where train_dir is not there
     last_step = None
     metrics = train_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in reversed(metrics.read_text().splitlines()):
+    if storage.is_file(metrics):
+        for line in reversed(storage.read_text(metrics).splitlines()):
             try:
                 last_step = json.loads(line)["step"]
                 break
@@ -195,19 +195,19 @@ def _round_block(run: RunDir, r: int, held: dict) -> tuple[list[str], bool, bool
     line, b = train_line(run, r, held)
     lines.append(line)
     busy |= b
-    done = (run.student_dir(r) / "config.json").is_file()
+    done = run.student_done(r)
     state = "done" if done else "in progress" if busy else "not running (interrupted or waiting)"
     return [f"round {r}: {state}"] + lines, done, busy
 
 
 def _eval_line(run: RunDir) -> str | None:
-    evals = sorted((run.root / "eval").glob("*.json"))
+    evals = [run.root / "eval" / n for n in storage.names(run.root / "eval", "*.json")]
     if not evals:
         return None
     parts = []
     for path in evals:
         try:
-            res = json.loads(path.read_text())
+            res = json.loads(storage.read_text(path))
             pk = res["pass_at_k"]
             ks = sorted(pk, key=int)
             parts.append(f"{path.stem} pass@1 {100 * pk['1']:.1f} pass@{ks[-1]} {100 * pk[ks[-1]]:.1f}")
@@ -219,9 +219,9 @@ def _eval_line(run: RunDir) -> str | None:
 def _curve_line(run: RunDir) -> str | None:
     """The learning curve (eval.every_rounds) in one line: pass@1 at a few of its steps."""
     points = []
-    for path in (run.root / "eval" / "curve").glob("*.json"):
+    for path in [run.root / "eval" / "curve" / n for n in storage.names(run.root / "eval" / "curve", "*.json")]:
         try:
-            res = json.loads(path.read_text())
+            res = json.loads(storage.read_text(path))
             points.append((path.stem, int(res.get("global_step", 0)), 100 * res["pass_at_k"]["1"], res.get("problems")))
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -289,7 +289,7 @@ def _collapsed(run: RunDir, rounds: list[int]) -> str:
 def _logged_steps(run: RunDir, r: int) -> int:
     path = run.stage_dir(r, "train") / "metrics.jsonl"
     try:
-        for line in reversed(path.read_text().splitlines()):
+        for line in reversed(storage.read_text(path).splitlines()):
             try:
                 return int(json.loads(line)["step"])
             except (ValueError, KeyError, TypeError):
@@ -316,12 +316,12 @@ def status_text(run: RunDir, health: bool = True, round_index: int | None = None
     of the round's shards). Runs of up to FULL_DETAIL_ROUNDS rounds, `show_all` and `round_index`
     show rounds in full; longer runs show the finished rounds in one line, the health figures as a
     trend table, and in full only the rounds in progress, interrupted or with a warning."""
-    if not run.config_path.is_file():
+    if not storage.is_file(run.config_path):
         return f"{run.root}: no run here yet (no config.yaml)"
     try:
         import yaml
 
-        planned = (yaml.safe_load(run.config_path.read_text()) or {}).get("rounds")
+        planned = (yaml.safe_load(storage.read_text(run.config_path)) or {}).get("rounds")
     except Exception:  # a broken config.yaml is the stage commands' to report, with the key and the fix
         planned = None
     rounds = run.rounds_present()
@@ -403,7 +403,7 @@ def verify_run(run: RunDir) -> list[str]:
                 continue
             for name, rec in sorted(data["shards"].items()):
                 path = m.stage_dir / name
-                if not path.is_file():
+                if not storage.is_file(path):
                     problems.append(f"{path}: missing (rerun `eopd-pipe {STAGE_COMMAND[stage]}` to redo it)")
                 elif sha256_file(path) != rec["sha256"]:
                     problems.append(f"{path}: corrupted (sha256 differs from the manifest); delete it and rerun the "
@@ -437,7 +437,7 @@ def check_shard_file(path: Path, stage: str, r: int) -> tuple[ShardInfo, dict[st
         if typ is not None and type_name(table.schema.field(col).type) != typ:
             return f"column {col!r} is {type_name(table.schema.field(col).type)}, expected {typ}"
     tokens = int(pc.sum(pc.list_value_length(table.column("response_token_ids"))).as_py() or 0)
-    return ShardInfo(table.num_rows, path.stat().st_size, sha256_file(path), tokens), meta
+    return ShardInfo(table.num_rows, storage.size(path), sha256_file(path), tokens), meta
 
 
 def _plan(run: RunDir, r: int, stage: str, metas: list[dict[str, str]]) -> tuple[int, dict] | str:
@@ -462,7 +462,7 @@ def _plan(run: RunDir, r: int, stage: str, metas: list[dict[str, str]]) -> tuple
     from pipeline.shards import read_parquet
 
     try:
-        cfg = yaml.safe_load(run.config_path.read_text())
+        cfg = yaml.safe_load(storage.read_text(run.config_path))
         prompts = read_parquet(run.prompts_dir / "prompts.parquet", ["prompt_id"]).num_rows
         per_round, per_shard = cfg["prompts"].get("prompts_per_round"), cfg["rollout"]["prompts_per_shard"]
         seed = cfg["seed"]
@@ -533,7 +533,7 @@ def repair_stage(run: RunDir, r: int, stage: str, held: dict) -> list[str]:
 def repair_run(run: RunDir) -> list[str]:
     """`status --repair` over every round and sharded stage (rollouts before teacher: the teacher plan
     names the rollout shards)."""
-    if not run.config_path.is_file():
+    if not storage.is_file(run.config_path):
         raise UserError(f"{run.root}: no run here (no config.yaml); nothing to repair")
     held = lock_holders()
     report = []

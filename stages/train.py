@@ -295,7 +295,7 @@ class Trainer:
         process (train.data_order "shards" only); each step waits for the shards it needs."""
         wall0 = time.perf_counter()
         out = self.run.student_dir(round_index)
-        if (out / "config.json").is_file():
+        if storage.is_file(out / "config.json"):
             return TrainSummary(out, 0, 0, 0, None)
         source, steps = self._plan(round_index, follow)
         t_load = time.perf_counter()
