@@ -52,11 +52,18 @@ def test_pause(point: str, index: int, stage: str | None = None) -> None:
     """Fault injection for the kill tests: with EOPD_TEST_PAUSE=POINT:INDEX[:SECONDS] the process
     announces itself on stderr and sleeps there (default an hour), so a test can kill it at that point.
     A point of a stage's shard loop also answers to STAGE.POINT (e.g. teacher.shard_compute), for
-    tests where stages run side by side in one process."""
+    tests where stages run side by side in one process. With EOPD_TEST_PAUSE_ONCE=FILE only the first
+    process to reach the point pauses (it creates FILE): a requeued or restarted one goes on."""
     spec = os.environ.get(TEST_PAUSE_ENV, "").split(":")
     if spec[:2] == [f"{stage}.{point}", str(index)]:
         point = spec[0]
     if spec[:2] == [point, str(index)]:
+        once = os.environ.get(TEST_PAUSE_ENV + "_ONCE")  # a file: pause only the first process to get here
+        if once:
+            try:
+                open(once, "x").close()
+            except FileExistsError:
+                return
         # The terminal's stderr, not a log: `run` sends its stages' output to RUN_DIR/logs/run.log,
         # and the kill tests wait for this line on the process's stderr.
         from pipeline.logs import terminal_stderr

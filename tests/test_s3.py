@@ -398,8 +398,10 @@ def test_object_server_stopped_mid_stage_then_resumed(s3, local_ref):
     try:
         proc.wait(timeout=600)
         err = rest_of_stderr(proc)  # wait_for_line's reader holds the pipe
+        seen = run_cli("status", url, "--no-health")  # the screen too: never "not started" for a store away
     finally:
         s3.start()
+    _one_message(seen, url, "AWS_ENDPOINT_URL")
     assert proc.returncode == 2, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("error:")]

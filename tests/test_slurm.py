@@ -193,13 +193,17 @@ def wait_until_gone(slurm: dict, jobs: list[dict], timeout: float) -> None:
 def test_a_task_warned_before_its_time_limit_requeues_itself_and_resumes(slurm, toy, reference, tmp_path):
     """--time=1 with the warning 50 s before it: the stage gets SIGTERM ~10 s in, stops cleanly and the
     batch script requeues the task (the job still RUNNING: not Slurm's own requeue); given time, it
-    comes back and finishes the stage exactly as on this machine."""
+    comes back and finishes the stage exactly as on this machine. The first run of the stage pauses
+    at shard 1 until a SIGTERM ends the pause: slurmctld checks time limits only every few tens of
+    seconds, and on an idle machine the whole stage could end before the warning (seen in CI)."""
     run = tmp_path / "run"
     jobs = launch(slurm, "rollout", run, "--config", config(toy, tmp_path / "cfg.yaml"), "--workers", "1",
-                  "--sbatch-arg=--time=1", "--signal-seconds", "50")
+                  "--sbatch-arg=--time=1", "--signal-seconds", "50",
+                  env={"EOPD_TEST_PAUSE": "shard_compute:1:600", "EOPD_TEST_PAUSE_ONCE": str(tmp_path / "paused")})
     task = f"{jobs[0]['slurm_job_id']}_0"
     log = run / "logs" / "slurm" / f"r0000-rollout-{task}.out"
     wait_for(lambda: log.is_file() and "requeueing" in log.read_text(), "the task to requeue itself", 300)
+    assert (tmp_path / "paused").exists()  # the warning reached the stage in its pause, not after it ended
     wait_for(lambda: _sh(slurm, "squeue", "-h", "-j", task, "-o", "%T") == "PENDING", "the requeued task", 120)
     assert subprocess.run(["scontrol", "update", f"jobid={task}", "TimeLimit=UNLIMITED", "starttime=now"],
                           env=slurm).returncode == 0
