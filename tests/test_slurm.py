@@ -203,7 +203,7 @@ def test_a_task_warned_before_its_time_limit_requeues_itself_and_resumes(slurm, 
     task = f"{jobs[0]['slurm_job_id']}_0"
     log = run / "logs" / "slurm" / f"r0000-rollout-{task}.out"
     wait_for(lambda: log.is_file() and "requeueing" in log.read_text(), "the task to requeue itself", 300)
-    assert (tmp_path / "paused").exists()  # the warning reached the stage in its pause, not after it ended
+    assert (tmp_path / "paused").exists()  # the first run reached its pause, which only a SIGTERM ends early
     wait_for(lambda: _sh(slurm, "squeue", "-h", "-j", task, "-o", "%T") == "PENDING", "the requeued task", 120)
     assert subprocess.run(["scontrol", "update", f"jobid={task}", "TimeLimit=UNLIMITED", "starttime=now"],
                           env=slurm).returncode == 0
