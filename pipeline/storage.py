@@ -85,7 +85,10 @@ def location(text: str | os.PathLike) -> Location:
         raise UserError(f"{s}: bucket URLs need s3fs and universal_pathlib (pip install 's3fs>=2026.9' universal_pathlib, "
                         f"or reinstall eopd-pipe: they are dependencies)") from None
     # No listing cache: several workers change the bucket, and every "done?" must see the store as it is now.
-    return UPath(s.rstrip("/"), use_listings_cache=False, skip_instance_cache=False,
+    # The endpoint is passed as well as read by botocore from AWS_ENDPOINT_URL: fsspec reuses a client
+    # made with the same arguments, so one process that moves to another endpoint must not get the old one.
+    endpoint = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]} if os.environ.get("AWS_ENDPOINT_URL") else {}
+    return UPath(s.rstrip("/"), use_listings_cache=False, skip_instance_cache=False, **endpoint,
                  config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}})
 
 
