@@ -34,6 +34,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -353,13 +354,43 @@ def _fsync_dir(path: Path) -> None:
 
 def tmp_name(final: Path) -> Path:
     # Leading dot: globs like "*.parquet" (datasets, pandas) never pick up a half-written file.
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident() % 100000}")
+    # Host and pid name the writer, so a cleanup removes only files of writers that are gone.
+    return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident() % 100000}")
+
+
+_FOREIGN_TMP_SECONDS = 3600  # a temporary file of another machine's writer is stale after this long
+
+
+def _tmp_writer_alive(p: Path) -> bool:
+    """Whether the process that writes temporary file `p` may still be at work: on this machine its
+    pid still runs; on another, the file changed within the last hour. (Two array tasks that start
+    at once both write the prompt cache: neither may delete the other's file, seen under Slurm.)"""
+    try:
+        host, pid, _ = p.name.split(".tmp-", 1)[1].rsplit("-", 2)
+        pid = int(pid)
+    except ValueError:
+        return False  # not a name of ours (or an older one): stale
+    if host != socket.gethostname():
+        try:
+            return time.time() - p.stat().st_mtime < _FOREIGN_TMP_SECONDS
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove_stale_tmp(final: Location) -> None:
-    """Temporary files a killed writer left beside `final` (local only: a bucket has none)."""
+    """Temporary files that a killed writer left beside `final` (local only: a bucket has none);
+    those of live writers are left alone."""
     if not is_remote(final):
         for p in final.parent.glob(f".{final.name}.tmp-*"):
+            if _tmp_writer_alive(p):
+                continue
             with contextlib.suppress(OSError):
                 if p.is_dir():
                     shutil.rmtree(p)

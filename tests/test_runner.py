@@ -179,3 +179,35 @@ def test_corrupted_shard_is_named_and_redone_after_deletion(tmp_path, reference)
     victim.unlink()
     assert finish(stage) == [3]
     assert shard_digests(stage) == reference
+
+
+def test_stale_tmp_cleanup_spares_live_writers(tmp_path):
+    """remove_stale_tmp removes the temporary files of writers that are gone (a dead pid here, or a
+    file of another machine untouched for an hour) and never one a live writer is still filling:
+    two Slurm array tasks that start at once both write the prompt cache."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from pipeline import storage
+
+    final = tmp_path / "prompts.parquet"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    files = {
+        "live": tmp_path / f".prompts.parquet.tmp-{host}-{os.getpid()}-1",
+        "dead": tmp_path / f".prompts.parquet.tmp-{host}-{dead.pid}-1",
+        "foreign_fresh": tmp_path / ".prompts.parquet.tmp-other-host-4242-1",
+        "foreign_old": tmp_path / ".prompts.parquet.tmp-other-host-4243-1",
+        "old_format": tmp_path / ".prompts.parquet.tmp-4244-1",
+    }
+    for p in files.values():
+        p.write_bytes(b"x")
+    old = time.time() - 2 * 3600
+    os.utime(files["foreign_old"], (old, old))
+    storage.remove_stale_tmp(final)
+    assert {k for k, p in files.items() if p.exists()} == {"live", "foreign_fresh"}
+    assert storage.tmp_name(final).name.startswith(f".prompts.parquet.tmp-{host}-{os.getpid()}-")
