@@ -58,10 +58,21 @@ def holder_gone(ident: dict[str, Any]) -> bool:
     view = _pid_view()
     if not view or any(ident.get(k) != v for k, v in view.items()) or not isinstance(ident.get("pid"), int):
         return False
-    if not os.path.exists(f"/proc/{ident['pid']}"):
+    if not pid_alive(ident["pid"]):
         return True
     started = _process_start(ident["pid"], fallback=None)
     return started is not None and "started" in ident and abs(started - float(ident["started"])) > 0.05
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs on this machine (in this pid namespace)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _pid_view() -> dict[str, str]:

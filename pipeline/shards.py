@@ -71,6 +71,11 @@ def write_shard(final: Location, table: pa.Table, metadata: dict[str, str], toke
         return info[0]
     # A bucket already holds this shard: the worker that took over our lease wrote it. Its bytes
     # stand (its record, if made, names them); we record the same, never a second version.
+    return info_of_shard(final, tokens)
+
+
+def info_of_shard(final: Location, tokens: int = 0) -> ShardInfo:
+    """The record of a shard file already in place (rows, bytes, sha256), read in one go."""
     body = storage.read_bytes(final)
     rows = pq.ParquetFile(pa.BufferReader(body)).metadata.num_rows
     return ShardInfo(rows=rows, bytes=len(body), sha256=hashlib.sha256(body).hexdigest(), tokens=tokens)

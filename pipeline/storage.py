@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 from pipeline.errors import UserError
-from pipeline.identity import holder_gone, worker_identity
+from pipeline.identity import holder_gone, pid_alive, worker_identity
 
 Location = Union[Path, "UPath"]  # noqa: F821 (upath is imported only for bucket URLs)
 
@@ -375,13 +375,7 @@ def _tmp_writer_alive(p: Path) -> bool:
             return time.time() - p.stat().st_mtime < _FOREIGN_TMP_SECONDS
         except OSError:
             return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def remove_stale_tmp(final: Location) -> None:

@@ -52,6 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pipeline.errors import UserError
+from pipeline.identity import pid_alive
 
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>"]
@@ -522,18 +523,8 @@ def _remove_dead_builds(out: Path) -> None:
     """Temporary build dirs of killed processes (same pid naming as ours, pid no longer alive)."""
     for p in out.parent.glob(f".{out.name}.tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _build(root: Path, settings: dict[str, Any], progress: bool) -> dict[str, Any]:

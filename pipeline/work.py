@@ -36,12 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline import storage
 from pipeline.errors import UserError
-from pipeline.shards import GrowingManifest, Manifest, ShardInfo, remove_stale_tmp, shard_name, write_shard
+from pipeline.shards import GrowingManifest, Manifest, info_of_shard, remove_stale_tmp, shard_name, write_shard
 from pipeline.signals import PREEMPTION
 from pipeline.storage import Claim, Location
 
@@ -265,8 +264,7 @@ def run_shards(
         i, final = claim.shard, stage_dir / shard_name(claim.shard)
         try:
             if result is None:
-                body = storage.read_bytes(final)
-                info = ShardInfo(pq.ParquetFile(pa.BufferReader(body)).metadata.num_rows, len(body), hashlib.sha256(body).hexdigest())
+                info = info_of_shard(final)
             else:
                 table = result.table() if callable(result.table) else result.table
                 info = write_shard(final, table, file_metadata, tokens=result.tokens,

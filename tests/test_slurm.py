@@ -251,7 +251,7 @@ def test_run_submitted_once_with_a_task_requeued_mid_shard_equals_the_local_run(
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
 
 
-def test_stage_on_a_bucket_run_dir_as_an_array(slurm, toy, reference, tmp_path):
+def test_stage_on_a_bucket_run_dir_as_an_array(slurm, toy, reference, tmp_path, monkeypatch):
     """RUN_DIR on a real S3 server (SeaweedFS): a rollout array of 2 tasks, launched from a directory
     of its own with no --log-dir: scripts and task logs land under ./eopd-slurm-logs/BUCKET/PREFIX
     (sbatch cannot write to a bucket), jobs.jsonl in the bucket; the tasks reach the store through
@@ -278,32 +278,25 @@ def test_stage_on_a_bucket_run_dir_as_an_array(slurm, toy, reference, tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         logs = here / "eopd-slurm-logs" / bucket / "runs" / "slurm" / "logs" / "slurm"
         assert (logs / "r0000-rollout.sbatch").is_file(), res.stdout
+        for k, v in server.env.items():  # this process reads the bucket too
+            monkeypatch.setenv(k, v)
         root = storage.location(url)
-        saved = {k: os.environ.get(k) for k in server.env}
-        os.environ.update(server.env)  # this process reads the bucket too
-        try:
-            jobs = [json.loads(line) for line in storage.read_text(root / "logs" / "slurm" / "jobs.jsonl").splitlines()]
-            assert [j["job"] for j in jobs] == ["r0000-rollout"] and jobs[0]["log_dir"] == str(logs)
-            wait_until_gone(slurm, jobs, 900)
-            array = jobs[0]["slurm_job_id"]
-            for t in (0, 1):
-                text = (logs / f"r0000-rollout-{array}_{t}.out").read_text()
-                assert "exit 0" in text, text[-3000:]
-            status = subprocess.run(["python3", "-m", "pipeline.cli", "status", url, "--no-health"], cwd=here,
-                                    env=env, capture_output=True, text=True)
-            assert status.returncode == 0, status.stderr[-3000:]
-            for t in (0, 1):
-                assert f"r0000-rollout task {array}_{t}: ended " in status.stdout, status.stdout
-            assert "rollouts  complete 4/4 shards" in status.stdout, status.stdout
-            ref = reference.wait() / "round-0000" / "rollouts"
-            d = root / "round-0000" / "rollouts"
-            got = {n: read_parquet(d / n).to_pylist() for n in storage.names(d, "part-*.parquet")}
-            assert got == {p.name: read_parquet(p).to_pylist() for p in sorted(ref.glob("part-*.parquet"))}
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        jobs = [json.loads(line) for line in storage.read_text(root / "logs" / "slurm" / "jobs.jsonl").splitlines()]
+        assert [j["job"] for j in jobs] == ["r0000-rollout"] and jobs[0]["log_dir"] == str(logs)
+        wait_until_gone(slurm, jobs, 900)
+        array = jobs[0]["slurm_job_id"]
+        for t in (0, 1):
+            text = (logs / f"r0000-rollout-{array}_{t}.out").read_text()
+            assert "exit 0" in text, text[-3000:]
+        status = subprocess.run(["python3", "-m", "pipeline.cli", "status", url, "--no-health"], cwd=here,
+                                env=env, capture_output=True, text=True)
+        assert status.returncode == 0, status.stderr[-3000:]
+        for t in (0, 1):
+            assert f"r0000-rollout task {array}_{t}: ended " in status.stdout, status.stdout
+        assert "rollouts  complete 4/4 shards" in status.stdout, status.stdout
+        ref = reference.wait() / "round-0000" / "rollouts"
+        d = root / "round-0000" / "rollouts"
+        got = {n: read_parquet(d / n).to_pylist() for n in storage.names(d, "part-*.parquet")}
+        assert got == {p.name: read_parquet(p).to_pylist() for p in sorted(ref.glob("part-*.parquet"))}
     finally:
         server.stop()
