@@ -55,13 +55,19 @@ def holder_gone(ident: dict[str, Any]) -> bool:
     (another machine or container): then only the lease's expiry frees its work. This is what lets
     a command restarted after a kill -9 on the same machine go on at once, as the OS frees an
     fcntl lock of a dead process on a local disk."""
-    view = _pid_view()
-    if not view or any(ident.get(k) != v for k, v in view.items()) or not isinstance(ident.get("pid"), int):
+    if not same_pid_view(ident) or not isinstance(ident.get("pid"), int):
         return False
     if not pid_alive(ident["pid"]):
         return True
     started = _process_start(ident["pid"], fallback=None)
     return started is not None and "started" in ident and abs(started - float(ident["started"])) > 0.05
+
+
+def same_pid_view(ident: dict[str, Any]) -> bool:
+    """Whether `ident`'s pid means a process of this machine as this process sees it: the same kernel
+    boot and pid namespace (False where /proc cannot tell)."""
+    view = _pid_view()
+    return bool(view) and all(ident.get(k) == v for k, v in view.items())
 
 
 def pid_alive(pid: int) -> bool:

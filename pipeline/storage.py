@@ -700,18 +700,37 @@ class Claim:
 
 
 class _LockClaim(Claim):
+    """An OS file lock, with the holder's identity and a heartbeat written in the lock file: /proc/locks
+    names only holders on this machine, so `status` on another node of a shared filesystem (a Slurm
+    task, a Ray actor elsewhere) reads who holds it, and whether it is alive, from the heartbeat."""
+
     def __init__(self, p: Path, lock) -> None:
         super().__init__(p)
         self._lock = lock
-        # Who holds it, for `status` (flock: writing through another descriptor keeps the lock).
+        self.ttl, self._worker = lease_seconds(), worker_identity()
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._heartbeat, name="eopd-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self, body: bytes | None = None) -> None:
+        # flock: writing through another descriptor keeps the lock
         with contextlib.suppress(OSError):
-            fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+            fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
             try:
-                os.write(fd, json.dumps({"worker": worker_identity(), "renewed": time.time()}).encode())
+                os.write(fd, body if body is not None else json.dumps(
+                    {"worker": self._worker, "renewed": time.time(), "expires_s": self.ttl}).encode())
             finally:
                 os.close(fd)
 
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            self._beat()
+
     def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._beat(b"")  # released: nobody's heartbeat (a lock file is kept for the next claimer)
         self._lock.release()
 
 

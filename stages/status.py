@@ -4,19 +4,22 @@
 Per round: each sharded stage (shards done / planned, rows, tokens, size, shards being written now and
 by which process), training (steps logged, the last complete checkpoint, whether a process trains it
 now), whether the student is written, and the round's health figures and warnings (pipeline/health.py).
-Workers are found through /proc/locks (the shard and train locks are OS file locks), so only those on
-this machine are named.
+Workers on this machine are found through /proc/locks (the shard and train locks are OS file locks);
+those on other nodes of a shared filesystem through the heartbeat each holder writes in its lock file;
+on a bucket, through the lease objects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 from pipeline import storage
 from pipeline.errors import UserError
-from pipeline.identity import describe_worker
+from pipeline.identity import describe_worker, holder_gone, same_pid_view
 from pipeline.health import health_warnings, round_health
 from pipeline.rundir import STAGES, RunDir
 from pipeline.shards import (SCHEMA_VERSION, Manifest, ShardInfo, schema_metadata, sha256_file,
@@ -91,8 +94,9 @@ def describe_process(pid: int) -> str:
 
 def live_claims(locks_dir, held: dict, pattern: str) -> list[tuple[str, str]]:
     """(lock name, who holds it) of each live claim in `locks_dir`: fcntl locks held on this machine
-    (their pid from /proc/locks, the holder's identity from the lock file), or a bucket's unexpired
-    leases (the holder's identity and the lease's age)."""
+    (their pid from /proc/locks, the holder's identity from the lock file), locks held on another node
+    of a shared filesystem (invisible here: named by the heartbeat the holder writes in the lock file,
+    while it is fresh), or a bucket's unexpired leases (the holder's identity and the lease's age)."""
     import fnmatch
 
     if storage.is_remote(locks_dir):
@@ -100,17 +104,36 @@ def live_claims(locks_dir, held: dict, pattern: str) -> list[tuple[str, str]]:
                 for lease in storage.leases(locks_dir) if not lease["expired"] and fnmatch.fnmatch(lease["name"], pattern)]
     out = []
     for p in sorted(locks_dir.glob(pattern)) if locks_dir.is_dir() else []:
+        try:
+            beat = json.loads(p.read_text() or "{}")
+            ident = beat.get("worker", {})
+        except (OSError, ValueError, AttributeError):
+            beat, ident = {}, {}
         if (pid := holder(p, held)) is None:
+            if who := remote_holder(beat):
+                out.append((p.name, who))
             continue
         who = describe_process(pid)
-        try:
-            ident = json.loads(p.read_text())["worker"]
+        with contextlib.suppress(AttributeError, TypeError):
             if ident.get("pid") == pid and (engine := describe_worker(ident).partition(", ")[2]):
                 who += f" ({engine})"  # the Slurm task, Ray node or SkyPilot task it runs under
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
         out.append((p.name, who))
     return out
+
+
+def remote_holder(beat: dict) -> str | None:
+    """Who holds a lock that this machine's lock table does not show, from its heartbeat: a holder on
+    another machine (or in another pid namespace) whose heartbeat is younger than its expiry; None for
+    a released lock (empty file), a stale heartbeat (its holder died there) or a holder seen gone here."""
+    try:
+        ident, age = beat["worker"], time.time() - float(beat["renewed"])
+        if age > float(beat.get("expires_s", storage.lease_seconds())) or holder_gone(ident):
+            return None
+        if same_pid_view(ident):
+            return None  # same machine and pid view: /proc/locks would show it if it were held
+        return f"{describe_worker(ident)}, heartbeat {age:.0f} s old"
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def stage_line(run: RunDir, r: int, stage: str, held: dict) -> tuple[str, bool]:

@@ -185,6 +185,14 @@ def launch(slurm: dict, *args, env: dict | None = None) -> list[dict]:
     return [json.loads(line) for line in (run / "logs" / "slurm" / "jobs.jsonl").read_text().splitlines()]
 
 
+def release_requeued(slurm: dict, task: str, *fields: str) -> None:
+    """Start a requeued task now instead of at its BeginTime. slurmd refuses a launch whose credential
+    is from the same second as the requeue's revocation ("Job credential revoked", seen once: the task
+    then exits 1 and never comes back), so the release waits for the next whole second first."""
+    time.sleep(2.0)
+    assert subprocess.run(["scontrol", "update", f"jobid={task}", *fields, "starttime=now"], env=slurm).returncode == 0
+
+
 def wait_until_gone(slurm: dict, jobs: list[dict], timeout: float) -> None:
     ids = {j["slurm_job_id"] for j in jobs}
     wait_for(lambda: not ids & set(_sh(slurm, "squeue", "-h", "-r", "-o", "%F").split()), "the jobs to end", timeout)
@@ -205,8 +213,7 @@ def test_a_task_warned_before_its_time_limit_requeues_itself_and_resumes(slurm, 
     wait_for(lambda: log.is_file() and "requeueing" in log.read_text(), "the task to requeue itself", 300)
     assert (tmp_path / "paused").exists()  # the first run reached its pause, which only a SIGTERM ends early
     wait_for(lambda: _sh(slurm, "squeue", "-h", "-j", task, "-o", "%T") == "PENDING", "the requeued task", 120)
-    assert subprocess.run(["scontrol", "update", f"jobid={task}", "TimeLimit=UNLIMITED", "starttime=now"],
-                          env=slurm).returncode == 0
+    release_requeued(slurm, task, "TimeLimit=UNLIMITED")
     wait_until_gone(slurm, jobs, 900)
     text = log.read_text()
     assert "restart 1" in text and "stage complete" in text, text[-3000:]
@@ -232,7 +239,7 @@ def test_run_submitted_once_with_a_task_requeued_mid_shard_equals_the_local_run(
     assert subprocess.run(["scontrol", "requeue", f"{array}_1"], env=slurm).returncode == 0
     # A requeued task waits for its BeginTime (Slurm holds it a while); release it at once.
     wait_for(lambda: _sh(slurm, "squeue", "-h", "-j", f"{array}_1", "-o", "%T") == "PENDING", "the requeued task", 120)
-    assert subprocess.run(["scontrol", "update", f"jobid={array}_1", "starttime=now"], env=slurm).returncode == 0
+    release_requeued(slurm, f"{array}_1")
 
     wait_until_gone(slurm, jobs, 1800)
     text = log.read_text()

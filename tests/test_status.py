@@ -4,14 +4,18 @@ and `--repair` rebuilding lost or corrupted manifests from the shards."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
-from conftest import REPO, kill_group, run_cli, spawn, wait_for_line
+from conftest import CLI_ENV, REPO, kill_group, run_cli, spawn, wait_for_line
 
 
 def manifests(run: Path) -> dict[str, dict]:
@@ -23,8 +27,9 @@ def test_shard_in_progress_names_the_worker(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"rounds": 2}))
     stage = run / "round-0000" / "rollouts"
+    lease = 3.0  # the heartbeat's expiry: the holder rewrites its lock file every lease / 3
     proc = spawn([sys.executable, str(REPO / "tests" / "fake_stage.py"), str(stage), "3"],
-                 env={"EOPD_TEST_PAUSE": "shard_record:1"})
+                 env={"EOPD_TEST_PAUSE": "shard_record:1", "EOPD_LEASE_SECONDS": str(lease)})
     wait_for_line(proc, "EOPD_TEST_PAUSE reached shard_record:1", timeout=120)
     res = run_cli("status", run)
     assert res.returncode == 0, res.stderr
@@ -34,10 +39,29 @@ def test_shard_in_progress_names_the_worker(tmp_path):
     assert "rollouts  partial  1/3 shards" in out and "to do" not in out
     assert f"in progress: shard(s) [1, 2] by pid {proc.pid}: python" in out and "fake_stage.py" in out
     assert "teacher   not started" in out and "train     not started" in out
+    # Seen from another node of a shared filesystem, whose lock table holds none of this machine's
+    # locks: the holder is named by its heartbeat, still fresh after several of its renewals.
+    time.sleep(lease)
+    out = status_elsewhere(run)
+    assert f"in progress: shard(s) [1, 2] by {socket.gethostname()} pid {proc.pid}, heartbeat" in out, out
     kill_group(proc, signal.SIGKILL)  # a lost machine: the OS drops its locks
-    out = run_cli("status", run).stdout
+    out = run_cli("status", run).stdout  # here the holder is seen gone at once
     assert "round 0: not running (interrupted or waiting)" in out and "to do: [1, 2]" in out
     assert "in progress:" not in out
+    time.sleep(lease + 0.5)  # elsewhere, once its heartbeat is older than its expiry
+    out = status_elsewhere(run)
+    assert "to do: [1, 2]" in out and "in progress:" not in out, out
+
+
+def status_elsewhere(run: Path) -> str:
+    """`eopd-pipe status` as another machine on the same filesystem sees the run: in a pid namespace
+    and /proc of its own (no lock of this machine's in its /proc/locks, other pids) and another hostname."""
+    cmd = ["unshare", "--pid", "--fork", "--mount-proc", "--uts", "sh", "-c",
+           'hostname node-b && exec "$@"', "sh", sys.executable, "-m", "pipeline.cli", "status", str(run)]
+    res = subprocess.run(cmd, cwd=REPO, env={**os.environ, **CLI_ENV, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
 
 
 def test_training_in_progress_then_preempted(killed_checkpoint):
