@@ -31,6 +31,11 @@ def shard_name(i: int) -> str:
     return f"part-{i:05d}.parquet"
 
 
+def shard_index(name: str) -> int:
+    """The index in a shard's (or its lock's) name: part-00012.parquet[.lock] -> 12."""
+    return int(name[5:10])
+
+
 def sha256_file(path: Location) -> str:
     return storage.sha256_of(path)
 
@@ -236,7 +241,7 @@ class Manifest:
 
     def done(self) -> set[int]:
         try:
-            return {int(name[5:10]) for name in self.read()["shards"]}
+            return {shard_index(name) for name in self.read()["shards"]}
         except UserError:
             if not self.exists():
                 return set()
@@ -302,15 +307,18 @@ def check_shard(path: Location, record: dict[str, Any], data: bytes | None = Non
         )
 
 
-def verify_stage(stage_dir: Location, data: dict[str, Any]) -> None:
-    """Check every shard's sha256 up front, so a corrupted input stops a stage before it writes anything.
-    Not on a bucket: there each of W workers would download all S shards (W x S GETs per stage, the
-    largest request term at scale, bench/s3_run.py); `read_shard` checks each shard it reads before
-    the stage writes the output made from it, so nothing is written from a corrupted input either."""
+def verify_stage(stage_dir: Location, data: dict[str, Any], owns: Callable[[int], bool] | None = None) -> None:
+    """Check the sha256 of every shard this worker will read (`owns(i)`; None: all) up front, so a
+    corrupted input stops a stage before it writes anything. Only its own: a worker of W that checked
+    all S shards would make a stage read S x W shards (S^2 under Ray, whose actors enter the stage
+    once per shard). Not on a bucket: there each check is a download of the shard (the largest
+    request term at scale, bench/s3_run.py). `read_shard` checks each shard it reads before the stage
+    writes the output made from it, so nothing is ever written from a corrupted input either."""
     if storage.is_remote(stage_dir):
         return
     for name, record in sorted(data["shards"].items()):
-        check_shard(stage_dir / name, record)
+        if owns is None or owns(shard_index(name)):
+            check_shard(stage_dir / name, record)
 
 
 def read_shard(stage_dir: Location, name: str, record: dict[str, Any], columns: list[str] | None = None) -> pa.Table:

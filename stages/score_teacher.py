@@ -179,7 +179,7 @@ def run_score_teacher(run: RunDir, cfg: Config, round_index: int, worker: Worker
                                     f"run `eopd-pipe rollout {run.root} --round {round_index}` first")
     else:
         rollouts = follow.data()
-    verify_stage(rollout_dir, rollouts)  # following: the shards recorded so far
+    verify_stage(rollout_dir, rollouts, worker.owns if worker is not None else None)  # following: those recorded so far
     teacher_path = check_model_dir(cfg.teacher.path, "teacher")
     student_path = check_model_dir(cfg.student.path, "student")
     student_tok, teacher_tok = load_tokenizer(student_path, "student"), load_tokenizer(teacher_path, "teacher")

@@ -23,7 +23,7 @@ from pipeline.identity import describe_worker, holder_gone, same_pid_view
 from pipeline.health import health_warnings, round_health
 from pipeline.rundir import STAGES, RunDir
 from pipeline.shards import (SCHEMA_VERSION, Manifest, ShardInfo, schema_metadata, sha256_file,
-                             shard_files, shard_name)
+                             shard_files, shard_index, shard_name)
 
 CHECKPOINT_DONE = "COMPLETE"  # pipeline.training.CHECKPOINT_DONE (not imported: it pulls in torch)
 STAGE_COMMAND = {"rollouts": "rollout", "teacher": "score-teacher"}
@@ -139,7 +139,7 @@ def remote_holder(beat: dict) -> str | None:
 def stage_line(run: RunDir, r: int, stage: str, held: dict) -> tuple[str, bool]:
     """(the stage's line, whether a process works on it now)."""
     stage_dir = run.stage_dir(r, stage)
-    busy = [(int(name[5:10]), who) for name, who in live_claims(stage_dir / ".locks", held, "part-*.parquet.lock")]
+    busy = [(shard_index(name), who) for name, who in live_claims(stage_dir / ".locks", held, "part-*.parquet.lock")]
     now = ""
     if busy:
         by: dict[str, list[int]] = {}
@@ -166,7 +166,7 @@ def stage_line(run: RunDir, r: int, stage: str, held: dict) -> tuple[str, bool]:
     line = (f"  {stage:<9} {state:<8} {len(shards)}/{data['num_shards']} shards, {rows} rows, {tokens} tokens, "
             f"{mib:.1f} MiB")
     if not data["complete"]:
-        missing = sorted(set(range(data["num_shards"])) - {int(n[5:10]) for n in shards} - {s for s, _ in busy})
+        missing = sorted(set(range(data["num_shards"])) - {shard_index(n) for n in shards} - {s for s, _ in busy})
         if missing:
             line += f"; to do: {missing[:10]}{' …' if len(missing) > 10 else ''}"
     return line + now, bool(busy)
@@ -526,7 +526,7 @@ def repair_stage(run: RunDir, r: int, stage: str, held: dict) -> list[str]:
             storage.move(path, bad)
             report.append(f"round {r} {stage}: {path.name}: {checked}; moved to {bad.name}, the stage will redo it")
             continue
-        good[int(path.name[5:10])] = checked[0]
+        good[shard_index(path.name)] = checked[0]
         metas.append(checked[1])
     if not good:
         storage.remove(m.path)

@@ -112,6 +112,12 @@ def test_missing_and_corrupted_rollouts(scored, tmp_path):
     data = bytearray(victim.read_bytes())
     data[100] ^= 0xFF
     victim.write_bytes(bytes(data))
+    # A worker checks only the shards it reads (a Ray actor enters the stage once per shard: checking
+    # all would read S^2 shards per stage): worker 0 of 2 never reads shard 1 and does its own.
+    res = run_cli("score-teacher", fresh, "--worker", "0/2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (fresh / "round-0000" / "teacher" / "part-00000.parquet").exists()
+    refused(run_cli("score-teacher", fresh, "--worker", "1/2"), "part-00001.parquet is corrupted")
     refused(run_cli("score-teacher", fresh), "part-00001.parquet is corrupted")
     assert not (fresh / "round-0000" / "teacher" / "part-00001.parquet").exists()
     refused(run_cli("score-teacher", fresh, "--round", "1"), "no round 1 rollouts", "eopd-pipe rollout")
