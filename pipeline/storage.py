@@ -1,8 +1,11 @@
 """The run directory's one storage layer: every read, write, listing, claim and completion record.
 
-A location is a `pathlib.Path` (a local or shared POSIX directory) or a `upath.UPath` over fsspec
-(`s3://bucket/prefix`; S3-compatible stores through the standard `AWS_ENDPOINT_URL`,
-`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION` variables or AWS config files).
+A location is a `pathlib.Path` (a local or shared POSIX directory) or a `upath.UPath` over fsspec:
+`s3://bucket/prefix` (S3-compatible stores through the standard `AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION` variables or AWS config files)
+or `gs://bucket/prefix` (Google Cloud Storage through Google's default credentials:
+`GOOGLE_APPLICATION_CREDENTIALS`, `gcloud auth application-default login`, or a GCE/GKE service
+account; an emulator through the standard `STORAGE_EMULATOR_HOST`, without credentials).
 The rest of the code composes locations with `/` and calls the functions below, never `open`,
 `os.replace` or a lock of its own, so one code path serves both.
 
@@ -10,11 +13,11 @@ What each operation guarantees, on both kinds:
 - `write_bytes` / `write_file`: a final name is always a complete object. Locally: a hidden
   temporary file, fsync, rename. On a bucket: one PUT (S3 has no rename, and a PUT is atomic).
 - `create`: exclusive create; exactly one of several racing callers gets True. Locally: link(2) of a
-  complete temporary file; on a bucket: `If-None-Match: *` (the object must be non-empty: s3fs
-  drops the header for an empty body).
+  complete temporary file; on S3: `If-None-Match: *` (the object must be non-empty: s3fs drops the
+  header for an empty body); on GCS: `ifGenerationMatch=0`.
 - `update`: read-modify-write that cannot lose an update. Locally: under an fcntl lock (released by
-  the OS when its holder dies, kill -9 included); on a bucket: compare-and-swap on the ETag
-  (`If-Match`), retried.
+  the OS when its holder dies, kill -9 included); on a bucket: compare-and-swap on the object's
+  version (S3: `If-Match` on the ETag; GCS: `ifGenerationMatch` on the generation), retried.
 - `claim`: at most one live holder. Locally: an fcntl lock. On a bucket (no locks: bucket mounts
   such as mountpoint-s3 or goofys lock only node-locally, if at all) a lease object made by `create`,
   renewed by a thread while held, and taken over by compare-and-swap once older than its expiry.
@@ -31,6 +34,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -47,7 +51,7 @@ from pipeline.identity import holder_gone, pid_alive, worker_identity
 
 Location = Union[Path, "UPath"]  # noqa: F821 (upath is imported only for bucket URLs)
 
-REMOTE_SCHEMES = ("s3",)
+REMOTE_SCHEMES = ("s3", "gs")
 LEASE_ENV = "EOPD_LEASE_SECONDS"  # how long a bucket lease lives without renewal (default 60 s)
 CACHE_ENV = "EOPD_CACHE_DIR"  # local cache of models and checkpoints read from a bucket
 _LEASE_DEFAULT = 60.0
@@ -69,16 +73,16 @@ def location(text: str | os.PathLike) -> Location:
     scheme = s.split("://", 1)[0].lower()
     if scheme == "file":
         return Path(s[len("file://"):]).resolve()
-    if scheme in ("gs", "gcs"):
-        raise UserError(f"{s}: gs:// run directories are not supported yet (their conditional writes are not tested here); "
-                        f"use GCS's S3-compatible endpoint as s3://BUCKET/PREFIX with AWS_ENDPOINT_URL=https://storage.googleapis.com "
-                        f"and HMAC keys, or a local path")
+    if scheme == "gcs":  # fsspec's other name for gs://: one spelling, so `protocol` and messages agree
+        scheme, s = "gs", "gs://" + s.split("://", 1)[1]
     if scheme not in REMOTE_SCHEMES:
-        raise UserError(f"{s}: URL scheme {scheme}:// is not supported; a run directory or model path is a local path or "
-                        f"s3://BUCKET/PREFIX")
+        raise UserError(f"{s}: URL scheme {scheme}:// is not supported; a run directory or model path is a local path, "
+                        f"s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
     bucket = s.split("://", 1)[1].split("/", 1)[0]
     if not bucket:
-        raise UserError(f"{s}: no bucket in the URL; write s3://BUCKET/PREFIX")
+        raise UserError(f"{s}: no bucket in the URL; write {scheme}://BUCKET/PREFIX")
+    if scheme == "gs":
+        return _gcs_location(s)
     try:
         from upath import UPath
         import s3fs  # noqa: F401
@@ -91,6 +95,24 @@ def location(text: str | os.PathLike) -> Location:
     endpoint = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]} if os.environ.get("AWS_ENDPOINT_URL") else {}
     return UPath(s.rstrip("/"), use_listings_cache=False, skip_instance_cache=False, **endpoint,
                  config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3}})
+
+
+def _gcs_location(s: str) -> Location:
+    try:
+        import aiohttp
+        import gcsfs  # noqa: F401
+        from upath import UPath
+    except ImportError:
+        raise UserError(f"{s}: gs:// URLs need gcsfs and universal_pathlib (pip install 'gcsfs>=2026.10' universal_pathlib, "
+                        f"or reinstall eopd-pipe: they are dependencies)") from None
+    # An emulator (STORAGE_EMULATOR_HOST, read by gcsfs on every request) gets no credentials, as
+    # google-cloud-storage does. Otherwise Google's default chain and nothing else: gcsfs's own default
+    # would fall back to anonymous access, so missing credentials would surface only as a 401 on the
+    # first write; "google_default" fails at once, naming the fix (a 15 s metadata-server probe less too).
+    token = "anon" if os.environ.get("STORAGE_EMULATOR_HOST") else "google_default"
+    # gcsfs sets no timeout of its own: a silent endpoint would hang a worker for ever.
+    return UPath(s.rstrip("/"), use_listings_cache=False, skip_instance_cache=False, token=token,
+                 requests_timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60))
 
 
 def is_remote(p: Any) -> bool:
@@ -129,27 +151,18 @@ def _write_stats() -> None:
 
 
 def _fs(p: Location):
+    try:
+        fs = _store(p).filesystem(p)  # gcsfs looks up the credentials here
+    except Exception as e:
+        raise store_error(p, "connect to", e) from None
     if os.environ.get(STATS_ENV):
         if not _CALLS:
             import atexit
 
             _CALLS["_"] = 0
             atexit.register(_write_stats)
-        return _CountingFS(p.fs), p.path
-    return p.fs, p.path
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-_FIXES = {
-    "NoSuchBucket": "create the bucket or fix its name in the URL",
-    "InvalidAccessKeyId": "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an AWS profile) to valid credentials",
-    "SignatureDoesNotMatch": "AWS_SECRET_ACCESS_KEY does not match the access key; fix the credentials",
-    "AccessDenied": "the credentials may not access this bucket; fix the credentials or the bucket policy",
-    "Forbidden": "the credentials may not access this bucket; fix the credentials or the bucket policy",
-    "403": "the credentials were refused; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an AWS profile) to valid ones",
-}
+        return _CountingFS(fs), p.path
+    return fs, p.path
 
 
 def _client_code(e: BaseException) -> str | None:
@@ -166,12 +179,212 @@ def _client_code(e: BaseException) -> str | None:
 
 
 def _precondition_failed(e: BaseException) -> bool:
-    if isinstance(e, FileExistsError):
+    if isinstance(e, FileExistsError):  # s3fs and gcsfs (HTTP 412) alike
         return True
     code = _client_code(e)
     if code in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
         return True
     return "pre-conditions you specified did not hold" in str(e)
+
+
+# ----------------------------------------------------------------------------- the object stores
+# What differs between S3 and GCS, and nothing else: the requests that fsspec has no call for (one
+# HEAD, one GET with the version, a conditional PUT, a one-key listing), the version token (S3: the
+# ETag; GCS: the generation), and the error codes with their fixes. Everything above them (the
+# compare-and-swap loop, leases, listings, uploads) is one code path.
+
+
+class _S3:
+    fixes = {
+        "NoSuchBucket": "create the bucket or fix its name in the URL",
+        "InvalidAccessKeyId": "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an AWS profile) to valid credentials",
+        "SignatureDoesNotMatch": "AWS_SECRET_ACCESS_KEY does not match the access key; fix the credentials",
+        "AccessDenied": "the credentials may not access this bucket; fix the credentials or the bucket policy",
+        "Forbidden": "the credentials may not access this bucket; fix the credentials or the bucket policy",
+        "403": "the credentials were refused; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an AWS profile) to valid ones",
+        "NoCredentials": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)",
+    }
+
+    def unreachable(self) -> str:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+        return (f"the object store{f' at {endpoint}' if endpoint else ''} does not answer; check AWS_ENDPOINT_URL and that "
+                f"the server is up")
+
+    def make_bucket(self, bucket: str) -> str:
+        return f"`aws s3 mb s3://{bucket}`"
+
+    def code(self, e: BaseException) -> str | None:
+        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            return "NoCredentials"
+        return _client_code(e)
+
+    def filesystem(self, p: Location):
+        return p.fs
+
+    def head(self, fs, bucket: str, key: str) -> dict[str, Any]:
+        return fs.call_s3("head_object", Bucket=bucket, Key=key)
+
+    def size(self, head: dict[str, Any]) -> int:
+        return int(head["ContentLength"])
+
+    def token(self, head: dict[str, Any]) -> str:
+        return head["ETag"]
+
+    def get(self, fs, bucket: str, key: str) -> tuple[str, bytes]:
+        from fsspec.asyn import sync
+
+        resp = fs.call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            return resp["ETag"], sync(fs.loop, resp["Body"].read)
+        finally:
+            resp["Body"].close()
+
+    def put_if(self, fs, path: str, bucket: str, key: str, data: bytes, token: str | None) -> str | None:
+        out = fs.pipe_file(path, data, **({"mode": "create"} if token is None else {"IfMatch": token}))
+        return out["ETag"] if isinstance(out, dict) and "ETag" in out else None
+
+    def any_under(self, fs, bucket: str, prefix: str) -> bool:
+        found = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        return bool(found.get("KeyCount") or found.get("Contents"))
+
+    def reach(self, root: Location, bucket: str, prefix: str) -> None:
+        fs, _ = _fs(root)
+        # a listing, not HeadBucket: its error says which (NoSuchBucket, InvalidAccessKeyId, ...)
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+
+    def listed(self, info: dict[str, Any]) -> tuple[str, str | None]:
+        """(version, MD5 in hex or None) of an entry of fs.find(detail=True): a single-part upload's ETag is its MD5."""
+        etag = str(info.get("ETag", "")).strip('"')
+        return etag, etag if len(etag) == 32 and "-" not in etag else None
+
+
+_GCS_CREDENTIALS = ("set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file or run "
+                    "`gcloud auth application-default login` (on GCE/GKE the VM's service account is used; an emulator "
+                    "needs STORAGE_EMULATOR_HOST instead)")
+
+
+class _GCS:
+    fixes = {
+        "credentials": _GCS_CREDENTIALS,
+        "401": f"the credentials were refused; {_GCS_CREDENTIALS}",
+        "403": "the credentials may not access this bucket; grant them object access on it (e.g. roles/storage.objectUser) "
+               "or fix the credentials",
+    }
+
+    def unreachable(self) -> str:
+        if emulator := os.environ.get("STORAGE_EMULATOR_HOST"):
+            return f"the emulator at STORAGE_EMULATOR_HOST={emulator} does not answer; check that it is up and the address"
+        return "Google Cloud Storage does not answer; check the network (STORAGE_EMULATOR_HOST is unset: Google's endpoint)"
+
+    def make_bucket(self, bucket: str) -> str:
+        return f"`gcloud storage buckets create gs://{bucket}`"
+
+    def code(self, e: BaseException) -> str | None:
+        seen = set()
+        while e is not None and id(e) not in seen:  # by type name: gcsfs and google-auth are imported only for gs://
+            seen.add(id(e))
+            name = type(e).__name__
+            if name in ("DefaultCredentialsError", "RefreshError", "NonRetryableError"):
+                return "credentials"
+            if name == "HttpError" and getattr(e, "code", None):
+                return str(e.code)
+            if isinstance(e, OSError) and str(e).startswith("Forbidden"):  # gcsfs's form of a 403
+                return "403"
+            e = e.__cause__ or e.__context__
+        return None
+
+    def filesystem(self, p: Location):
+        """gcsfs's core GCSFileSystem (the JSON API only), not the class gcsfs >= 2026 registers for gs://:
+        ExtendedGcsFileSystem first asks the Storage Control gRPC API for each bucket's layout (zonal or
+        hierarchical), and again on every call while it has no answer: a 60 s timeout per call on an
+        emulator, a gRPC call per request on GCS without that permission. The conditional writes here are
+        JSON API requests, for standard buckets. (Made from the path's options, so a path that was pickled
+        gets the same; fsspec keeps one instance per options and thread.)"""
+        from gcsfs.core import GCSFileSystem
+
+        if not os.environ.get("GCSFS_DEBUG"):  # gcsfs's own switch for its logging
+            # gcsfs logs a traceback at ERROR when it gives up on a request; the caller reports the same
+            # failure as one message with the fix (botocore, under s3fs, logs none).
+            logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+        return GCSFileSystem(**p.storage_options)
+
+    def head(self, fs, bucket: str, key: str) -> dict[str, Any]:
+        return fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+
+    def size(self, head: dict[str, Any]) -> int:
+        return int(head["size"])
+
+    def token(self, head: dict[str, Any]) -> str:
+        return str(head["generation"])
+
+    def get(self, fs, bucket: str, key: str) -> tuple[str, bytes]:
+        headers, body = fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
+        return headers["X-Goog-Generation"], body  # the generation of exactly these bytes
+
+    def put_if(self, fs, path: str, bucket: str, key: str, data: bytes, token: str | None) -> str:
+        # gcsfs's uploads send no precondition but ifGenerationMatch=0 (mode="create"), so this one request is
+        # made here, through gcsfs's session (its credentials, retries, endpoint): a multipart upload, as
+        # gcsfs's own small-file upload (fake-gcs-server before 1.55 checks preconditions on these only).
+        from urllib.parse import quote
+
+        boundary = uuid.uuid4().hex
+        head = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{json.dumps({'name': key})}\r\n"
+                f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n")
+        body = head.encode() + data + f"\r\n--{boundary}--".encode()
+        out = fs.call("POST", f"{fs._location}/upload/storage/v1/b/{quote(bucket, safe='')}/o", uploadType="multipart",
+                      ifGenerationMatch=token or "0", data=body, json_out=True,
+                      headers={"Content-Type": f'multipart/related; boundary="{boundary}"'})
+        return str(out["generation"])
+
+    def any_under(self, fs, bucket: str, prefix: str) -> bool:
+        found = fs.call("GET", "b/{}/o", bucket, prefix=prefix, maxResults=1, json_out=True)
+        return bool(found.get("items") or found.get("prefixes"))
+
+    def reach(self, root: Location, bucket: str, prefix: str) -> None:
+        # Not through fs.call: gcsfs retries a refused connection 6 times over ~30 s, and the first contact
+        # should fail at once. Three quick tries still ride out a blip, or a 429/503 when many tasks start.
+        import asyncio
+
+        from fsspec.asyn import sync
+        from gcsfs.retry import is_retriable
+
+        fs = self.filesystem(root)  # not _fs's request counter: these are not calls of gcsfs's own
+        for attempt in range(3):
+            try:
+                sync(fs.loop, _gcs_once, fs, "GET", "b/{}/o", bucket, prefix=prefix, maxResults=1)
+                return
+            except Exception as e:
+                if attempt == 2 or not (is_retriable(e) or isinstance(e, asyncio.TimeoutError)):
+                    raise
+            time.sleep(0.5 * 2 ** attempt)
+
+    def listed(self, info: dict[str, Any]) -> tuple[str, str | None]:
+        import base64
+
+        md5 = info.get("md5Hash")  # base64; composite objects have none
+        return str(info.get("generation", "")), base64.b64decode(md5).hex() if md5 else None
+
+
+async def _gcs_once(fs, method: str, path: str, *args: str, **params: Any) -> None:
+    """One request through gcsfs's session and credentials, without its retries; raises as gcsfs does."""
+    import aiohttp
+    from gcsfs.retry import validate_response
+
+    await fs._set_session()
+    timeout = aiohttp.ClientTimeout(total=20, sock_connect=5)
+    async with fs.session.request(method, fs._format_path(path, args), params=fs._get_params(params),
+                                  headers=fs._get_headers(None), timeout=timeout) as r:
+        validate_response(r.status, await r.read(), path, args)
+
+
+_STORES = {"s3": _S3(), "gs": _GCS()}
+
+
+def _store(p: Location) -> _S3 | _GCS:
+    return _STORES[p.protocol]
+
+
+# ----------------------------------------------------------------------------- errors
 
 
 def store_error(p: Location, doing: str, e: BaseException) -> UserError:
@@ -185,17 +398,14 @@ def store_error(p: Location, doing: str, e: BaseException) -> UserError:
                              f"and run the same command again: what was complete is kept")
         return UserError(f"could not {doing} {where}: {e}; fix that (disk space, permissions) and run the same command "
                          f"again: what was complete is kept")
-    code = _client_code(e)
+    store = _store(p)
+    code = store.code(e)
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
-    if code in _FIXES:
-        fix = _FIXES[code]
-    elif type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
-        fix = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+    if code in store.fixes:
+        fix = store.fixes[code]
     elif any(s in f"{type(e).__name__} {text}" for s in ("EndpointConnectionError", "Could not connect", "Connect",
                                                          "Connection refused", "timed out", "Timeout")):
-        fix = (f"the object store{f' at {endpoint}' if endpoint else ''} does not answer; check AWS_ENDPOINT_URL and that "
-               f"the server is up, then run the same command again: what was recorded is kept")
+        fix = f"{store.unreachable()}, then run the same command again: what was recorded is kept"
     else:
         fix = "fix that and run the same command again: what was recorded is kept"
     return UserError(f"could not {doing} {where}: {text}; {fix}")
@@ -216,16 +426,17 @@ def check_reachable(root: Location) -> None:
     """Fail fast, naming the URL, when a bucket is missing or the credentials or endpoint are wrong."""
     if not is_remote(root):
         return
-    fs, path = _fs(root)
-    bucket = path.split("/", 1)[0]
+    store = _store(root)
+    bucket, prefix = _bucket_key(root)
+    missing = UserError(f"{root}: bucket {bucket!r} does not exist; create it (e.g. {store.make_bucket(bucket)}) or fix "
+                        f"the URL")
     try:
-        # a listing, not HeadBucket: its error says which (NoSuchBucket, InvalidAccessKeyId, ...)
-        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=path[len(bucket) + 1:], MaxKeys=1)
+        store.reach(root, bucket, prefix)
     except FileNotFoundError:
-        raise UserError(f"{root}: bucket {bucket!r} does not exist; create it (e.g. `aws s3 mb s3://{bucket}`) or fix the URL") from None
+        raise missing from None
     except Exception as e:
-        if _client_code(e) == "NoSuchBucket":
-            raise UserError(f"{root}: bucket {bucket!r} does not exist; create it (e.g. `aws s3 mb s3://{bucket}`) or fix the URL") from None
+        if store.code(e) == "NoSuchBucket":
+            raise missing from None
         raise store_error(root, "reach", e) from None
 
 
@@ -250,11 +461,10 @@ def is_file(p: Location) -> bool:
 
 
 def _head(p: Location) -> dict[str, Any]:
-    """The HEAD of object `p`; FileNotFoundError when it is not there."""
+    """The HEAD of object `p` (GCS: its metadata), as the store gives it; FileNotFoundError when it is not there."""
     fs, _ = _fs(p)
-    bucket, key = _bucket_key(p)
     with errors(p, "look up"):
-        return fs.call_s3("head_object", Bucket=bucket, Key=key)
+        return _store(p).head(fs, *_bucket_key(p))
 
 
 def is_dir(d: Location) -> bool:
@@ -267,17 +477,16 @@ def is_dir(d: Location) -> bool:
     bucket, key = _bucket_key(d)
     try:
         with errors(d, "list"):
-            found = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=f"{key.rstrip('/')}/" if key else "", MaxKeys=1)
+            return _store(d).any_under(fs, bucket, f"{key.rstrip('/')}/" if key else "")
     except FileNotFoundError:  # no such bucket
         return False
-    return bool(found.get("KeyCount") or found.get("Contents"))
 
 
 def size(p: Location) -> int:
     """The file's or object's size in bytes (one HEAD on a bucket); FileNotFoundError when it is not there."""
     if not is_remote(p):
         return p.stat().st_size
-    return int(_head(p)["ContentLength"])
+    return _store(p).size(_head(p))
 
 
 def read_bytes(p: Location) -> bytes:
@@ -288,18 +497,11 @@ def read_bytes(p: Location) -> bytes:
 
 
 def _get(p: Location) -> tuple[str, bytes]:
-    """(ETag, body) of an object in one GET (s3fs's cat_file adds a HEAD; info + cat would be two
-    requests and could pair one version's ETag with another's body)."""
-    from fsspec.asyn import sync
-
+    """(version token, body) of an object in one GET (s3fs's cat_file adds a HEAD; info + cat would be
+    two requests and could pair one version's token with another's body)."""
     fs, _ = _fs(p)
-    bucket, key = _bucket_key(p)
     with errors(p, "read"):
-        resp = fs.call_s3("get_object", Bucket=bucket, Key=key)
-        try:
-            return resp["ETag"], sync(fs.loop, resp["Body"].read)
-        finally:
-            resp["Body"].close()
+        return _store(p).get(fs, *_bucket_key(p))
 
 
 def read_text(p: Location) -> str:
@@ -428,7 +630,8 @@ def write_file(final: Location, fill: Callable[[Path], None], before_commit: Cal
             _put(final, tmp.read_bytes(), doing)
             return True
         try:
-            _put(final, tmp.read_bytes(), doing, mode="create")
+            with errors(final, doing):
+                _put_if(final, tmp.read_bytes(), None)
         except Exception as e:
             if not _precondition_failed(e):
                 raise
@@ -448,10 +651,19 @@ def write_text(final: Location, text: str, doing: str = "write") -> None:
     write_bytes(final, text.encode(), doing)
 
 
-def _put(final: Location, data: bytes, doing: str, **conditions: Any) -> None:
+def _put(final: Location, data: bytes, doing: str) -> None:
     fs, path = _fs(final)
     with errors(final, doing):
-        fs.pipe_file(path, data, **conditions)
+        fs.pipe_file(path, data)
+
+
+def _put_if(p: Location, data: bytes, token: str | None) -> str | None:
+    """One conditional PUT: create `p` (token None) or replace the version `token` of it. Raises a
+    precondition failure (`_precondition_failed`) when another writer came first. Returns the new
+    version's token where the store's answer names it."""
+    fs, path = _fs(p)
+    bucket, key = _bucket_key(p)
+    return _store(p).put_if(fs, path, bucket, key, data, token)
 
 
 def create(p: Location, data: bytes) -> bool:
@@ -459,10 +671,9 @@ def create(p: Location, data: bytes) -> bool:
     if not data:
         raise ValueError("create() needs a non-empty body: s3fs sends no If-None-Match for an empty one")
     if is_remote(p):
-        fs, path = _fs(p)
         try:
             with errors(p, "create"):
-                fs.pipe_file(path, data, mode="create")
+                _put_if(p, data, None)
             return True
         except Exception as e:
             if _precondition_failed(e):
@@ -513,7 +724,6 @@ def update(p: Location, change: Callable[[bytes | None], bytes | None], lock_dir
                 return new
         except OSError as e:
             raise store_error(p, "update", e) from None
-    fs, path = _fs(p)
     delay = 0.02
     for _ in range(200):
         with errors(p, "read"):
@@ -523,10 +733,7 @@ def update(p: Location, change: Callable[[bytes | None], bytes | None], lock_dir
             return old
         try:
             with errors(p, "update"):
-                if etag is None:
-                    fs.pipe_file(path, new, mode="create")
-                else:
-                    fs.pipe_file(path, new, IfMatch=etag)
+                _put_if(p, new, etag)
             return new
         except Exception as e:
             if not _precondition_failed(e):
@@ -641,8 +848,9 @@ def cache_root() -> Path:
 
 def local_tree(src: Location, what: str = "directory") -> Path:
     """A local copy of directory `src`: `src` itself when local; for a bucket a cached download,
-    keyed by the URL and the objects' ETags and sizes, verified file by file (size, and MD5 where the
-    ETag is one) and made visible by rename once whole. A second call with the same content is free."""
+    keyed by the URL and the objects' versions (S3: ETags; GCS: generations) and sizes, verified file by
+    file (size, and MD5 where the store gives one) and made visible by rename once whole. A second call
+    with the same content is free."""
     if not is_remote(src):
         return src
     fs, path = _fs(src)
@@ -650,8 +858,9 @@ def local_tree(src: Location, what: str = "directory") -> Path:
         listing = fs.find(path, detail=True)
     if not listing:
         raise UserError(f"{what} {src} does not exist (no objects under that prefix); check the URL")
-    entries = sorted((k[len(path) + 1:], int(v["size"]), str(v.get("ETag", "")).strip('"')) for k, v in listing.items())
-    digest = hashlib.sha256(json.dumps([str(src), entries]).encode()).hexdigest()[:20]
+    store = _store(src)
+    entries = sorted((k[len(path) + 1:], int(v["size"]), *store.listed(v)) for k, v in listing.items())
+    digest = hashlib.sha256(json.dumps([str(src), [e[:3] for e in entries]]).encode()).hexdigest()[:20]
     out = cache_root() / "objects" / digest
     if (out / ".eopd-complete").is_file():
         return out
@@ -659,12 +868,11 @@ def local_tree(src: Location, what: str = "directory") -> Path:
     try:
         tmp.mkdir(parents=True)
         with errors(src, f"download the {what}"):
-            for rel, nbytes, etag in entries:
+            for rel, nbytes, _, md5 in entries:
                 target = tmp / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(f"{path}/{rel}", str(target))
-                if target.stat().st_size != nbytes or (
-                        len(etag) == 32 and "-" not in etag and hashlib.md5(target.read_bytes()).hexdigest() != etag):
+                if target.stat().st_size != nbytes or (md5 and hashlib.md5(target.read_bytes()).hexdigest() != md5):
                     raise UserError(f"{src}/{rel}: the download does not match the object (size or MD5); run again")
         (tmp / ".eopd-complete").write_text("ok")
         try:
@@ -736,7 +944,7 @@ class _LockClaim(Claim):
 
 class _Lease(Claim):
     """A lease object on a bucket: `{"owner", "worker", "renewed", "expires_s"}`, renewed every
-    third of its life by a daemon thread with If-Match on its own ETag."""
+    third of its life by a daemon thread with a compare-and-swap on its own version token."""
 
     def __init__(self, p: Location, owner: str, etag: str, ttl: float) -> None:
         super().__init__(p)
@@ -746,10 +954,9 @@ class _Lease(Claim):
         self._thread.start()
 
     def _renew(self) -> None:
-        fs, path = _fs(self.path)
         while not self._stop.wait(self.ttl / 3):
             try:
-                self._etag = _put_etag(fs, path, _lease_body(self.owner, self.ttl), IfMatch=self._etag)
+                self._etag = _put_token(self.path, _lease_body(self.owner, self.ttl), self._etag)
             except Exception as e:
                 if _precondition_failed(e) or isinstance(e, FileNotFoundError):
                     self.lost = True  # taken over: the other worker redoes the shard; records stay single
@@ -761,16 +968,16 @@ class _Lease(Claim):
         self._thread.join(timeout=5)
         if self.lost:
             return
-        fs, path = _fs(self.path)
         with contextlib.suppress(Exception):
-            if fs.info(path, refresh=True)["ETag"] == self._etag:
+            if _store(self.path).token(_head(self.path)) == self._etag:
+                fs, path = _fs(self.path)
                 fs.rm_file(path)
 
 
-def _put_etag(fs, path: str, data: bytes, **conditions: Any) -> str:
-    """One PUT (with its conditions); the new object's ETag."""
-    out = fs.pipe_file(path, data, **conditions)
-    return out["ETag"] if isinstance(out, dict) and "ETag" in out else fs.info(path, refresh=True)["ETag"]
+def _put_token(p: Location, data: bytes, token: str | None) -> str:
+    """`_put_if`, then the new object's version token (one HEAD more where the answer did not name it)."""
+    new = _put_if(p, data, token)
+    return new if new is not None else _store(p).token(_head(p))
 
 
 def _lease_body(owner: str, ttl: float) -> bytes:
@@ -791,11 +998,10 @@ def claim(p: Location) -> Claim | None:
         return _LockClaim(p, lock)
     ttl = lease_seconds()
     owner = uuid.uuid4().hex
-    fs, path = _fs(p)
     for _ in range(3):  # the holder may release between our create and our read: try again
         try:
             with errors(p, "create the lease"):
-                return _Lease(p, owner, _put_etag(fs, path, _lease_body(owner, ttl), mode="create"), ttl)
+                return _Lease(p, owner, _put_token(p, _lease_body(owner, ttl), None), ttl)
         except Exception as e:
             if not _precondition_failed(e):
                 raise
@@ -815,7 +1021,7 @@ def claim(p: Location) -> Claim | None:
         return None
     try:
         with errors(p, "take over the lease"):
-            return _Lease(p, owner, _put_etag(fs, path, _lease_body(owner, ttl), IfMatch=etag), ttl)
+            return _Lease(p, owner, _put_token(p, _lease_body(owner, ttl), etag), ttl)
     except Exception as e:
         if _precondition_failed(e):
             return None  # another worker took it over first
