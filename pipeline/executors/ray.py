@@ -10,10 +10,19 @@ again, it re-reads the stage's records and hands out only the shards they lack.
 The actor's class is given as a factory (`engine`: `(run_dir, stage) -> object` with
 `plan(round)` and `shard(round, i)`, e.g. stages.launch.ShardEngine), so this module knows
 nothing of what a stage does.
+
+Room: the roles' actors (a stage's pool of --workers actors, the trainer) each hold
+`cpus_per_worker` CPUs and `gpus_per_worker` GPUs for as long as they live, and Ray leaves an actor
+it cannot place pending for ever. Before the first job the driver counts how many such actors the
+cluster's nodes can hold at once: fewer than one role needs is one message at once; fewer than
+every role of the launch needs together, and a role is released when another needs its room
+(`releases`: the one needed again furthest ahead goes first), its engine loaded again when it is
+next needed (the records and checkpoints carry the run across, as for the stage commands).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,8 +38,8 @@ from pipeline.rundir import RunDir
 # Where the run directory's bucket is and how claims behave, so actors on every node reach the same
 # store. Not the secret keys: a runtime_env is kept in Ray's control store and shown by its dashboard;
 # nodes take credentials as any AWS client does (instance role, ~/.aws, the env of `ray start`).
-FORWARDED_ENV = ("PYTHONPATH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "EOPD_TEST_PAUSE", "EOPD_LEASE_SECONDS",
-                 "EOPD_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+FORWARDED_ENV = ("PYTHONPATH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "EOPD_TEST_PAUSE", "EOPD_TEST_PAUSE_ONCE",
+                 "EOPD_LEASE_SECONDS", "EOPD_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 FORWARDED_PREFIXES = ("VLLM_",)
 
 
@@ -49,6 +58,47 @@ class StageRun:
 
 def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_PREFIXES)}
+
+
+def role_of(job: Job) -> str:
+    """What a job runs on: its stage's actor pool ("rollout", "score-teacher"), the trainer actor
+    ("train"), or "finish" (a task, once every role is released)."""
+    return "finish" if job.round is None else job.stage
+
+
+def worker_slots(nodes: Sequence[dict[str, Any]], cpus: float, gpus: float) -> int | None:
+    """How many actors asking `cpus` CPUs and `gpus` GPUs the live nodes (`ray.nodes()`) hold at
+    once; None when an actor asks neither (Ray then places any number)."""
+    asks = {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+    if not asks:
+        return None
+    # The actors are all alike, so a node holds floor(has / asks) of them in its scarcest resource,
+    # whatever else it holds (1e-6: Ray keeps resources in fixed point; 1 / (1/3) must count 3).
+    return sum(min(math.floor(n.get("Resources", {}).get(k, 0.0) / v + 1e-6) for k, v in asks.items())
+               for n in nodes if n.get("Alive"))
+
+
+def releases(jobs: Sequence[Job], slots: int | None) -> list[list[str]]:
+    """For each job, the roles to release before it runs, so that the live roles' actors never
+    exceed `slots` (None: no limit): a role is kept (its engine loaded) until its room is needed;
+    then the role needed again furthest ahead, or never, goes first. "finish" releases every role."""
+    def next_use(role: str, after: int) -> float:
+        return next((k for k in range(after + 1, len(jobs)) if role_of(jobs[k]) == role), math.inf)
+
+    live: dict[str, int] = {}  # role -> its actors, in the order they were started
+    out = []
+    for j, job in enumerate(jobs):
+        role, drop = role_of(job), []
+        if role == "finish":
+            drop, live = list(live), {}
+        elif role not in live:
+            while slots is not None and live and sum(live.values()) + job.workers > slots:
+                far = max(live, key=lambda r: next_use(r, j))
+                drop.append(far)
+                del live[far]
+            live[role] = job.workers
+        out.append(drop)
+    return out
 
 
 class RayExecutor(Executor):
@@ -83,9 +133,17 @@ class RayExecutor(Executor):
     def launch(self, jobs: Sequence[Job], echo: Callable[[str], None] = lambda line: None) -> list[StageRun]:
         """Each job in order: sharded stages on the stage's actor pool (kept across rounds: each engine
         loads once, a new round's student in place), training on the trainer actor (model and
-        optimiser kept across rounds), "finish" (eval and report) as a task once the pools are freed."""
+        optimiser kept across rounds), "finish" (eval and report) as a task once the pools are freed.
+        Where the cluster cannot hold every role at once, a role is released when another needs its
+        room (see `fit`)."""
+        if not jobs:
+            return []
+        self.connect()
+        plan = self.fit(jobs, echo)
         runs = []
-        for job in jobs:
+        for job, drop in zip(jobs, plan):
+            for role in drop:
+                self.release(role)
             if job.sharded:
                 runs.append(self.run_sharded(job))
             elif job.stage == "train":
@@ -94,6 +152,62 @@ class RayExecutor(Executor):
                 runs.append(self.run_finish(job))
             echo(summarize(runs[-1]))
         return runs
+
+    def fit(self, jobs: Sequence[Job], echo: Callable[[str], None] = lambda line: None) -> list[list[str]]:
+        """The roles to release before each job (`releases`) on this cluster's live nodes; one
+        message at once where a job needs more actors than the nodes hold together (Ray would
+        leave the rest pending for ever), one line where the roles take turns."""
+        nodes = self.ray.nodes()
+        slots = worker_slots(nodes, self.cpus, self.gpus)
+        sizes = {role_of(j): j.workers for j in jobs if role_of(j) != "finish"}
+        need, together = max(j.workers for j in jobs), sum(sizes.values())
+        if slots is not None and slots < need:
+            raise UserError(self._short(jobs, nodes, slots, need))
+        if slots is not None and slots < together:
+            roles = ", ".join(f"{ROLE_NAMES[r]} {n}" for r, n in sizes.items())
+            echo(f"ray: the cluster holds {slots} actor(s) of {self._ask()} ({self._has()}); keeping every role up "
+                 f"({roles}) needs {together}: a role is released when another needs its room, and its engine "
+                 f"loads again when it is next needed")
+        return releases(jobs, slots)
+
+    def _ask(self) -> str:
+        return " and ".join(f"{v:g} {k}" for k, v in (("CPU", self.cpus), ("GPU", self.gpus)) if v > 0) or "nothing"
+
+    def _has(self) -> str:
+        """What the cluster has: in all (`ray.cluster_resources`), free now (`ray.available_resources`)."""
+        total, free = self.ray.cluster_resources(), self.ray.available_resources()
+        alive = len([n for n in self.ray.nodes() if n.get("Alive")])
+        return "; ".join(f"{k} {total.get(k, 0):g} in all, {free.get(k, 0):g} free now" for k in ("CPU", "GPU")) + \
+            f"; {alive} live node(s)"
+
+    def _short(self, jobs: Sequence[Job], nodes: Sequence[dict[str, Any]], slots: int, need: int) -> str:
+        """The message for a cluster too small for one job: what it needs, what the cluster has, the fixes."""
+        job = next(j for j in jobs if j.workers == need)
+        fixes = [f"--workers {slots} or fewer"] if slots >= 1 and job.sharded else []
+        if self.cpus > 0:
+            # the largest CPU ask (of the form `a node's CPUs / k`, 2 decimals down) with which `need` actors fit
+            cands = sorted({math.floor(n["Resources"].get("CPU", 0.0) / k * 100) / 100 for n in nodes if n.get("Alive")
+                            for k in range(1, need + 1)}, reverse=True)
+            cpus = next((c for c in cands if c > 0 and (worker_slots(nodes, c, self.gpus) or 0) >= need), None)
+            if cpus:
+                fixes.append(f"--cpus-per-worker {cpus:g} (actors then share a node's CPUs)")
+        fixes.append(f"add nodes or {'GPUs' if self.gpus > 0 else 'CPUs'} (nodes are counted as they are up now: on an "
+                     f"autoscaling cluster, bring them up first)")
+        what = (f"the {ROLE_NAMES[role_of(job)]} role, --workers {job.workers}" if job.sharded
+                else f"the {ROLE_NAMES[role_of(job)]}")
+        return (f"`eopd-pipe launch ray`: {job.name} needs {need} actor(s) of {self._ask()} at once ({what}); the Ray "
+                f"cluster holds {slots} ({self._has()}): Ray would leave the rest pending for ever. "
+                f"Fix: {'; or '.join(fixes)}.")
+
+    def release(self, role: str) -> None:
+        """Kill a role's actors (their resources go back to the cluster); started again when next needed."""
+        if role == "train":
+            if self._trainer is not None:
+                self.ray.kill(self._trainer, no_restart=True)
+                self._trainer = None
+            return
+        for a in self._actors.pop(role, []):
+            self.ray.kill(a, no_restart=True)
 
     def run_train(self, job: Job) -> StageRun:
         if self.trainer is None or self.cfg.train.processes > 1:
@@ -172,13 +286,11 @@ class RayExecutor(Executor):
         return manifest.done() if manifest.exists() else set()
 
     def shutdown(self) -> None:
-        for actors in self._actors.values():
-            for a in actors:
-                self.ray.kill(a, no_restart=True)
-        self._actors.clear()
-        if self._trainer is not None:
-            self.ray.kill(self._trainer, no_restart=True)
-            self._trainer = None
+        for role in [*self._actors, "train"]:
+            self.release(role)
+
+
+ROLE_NAMES = {"rollout": "rollout", "score-teacher": "teacher", "train": "trainer", "finish": "eval and report"}
 
 
 class EngineActor:
