@@ -37,9 +37,11 @@ from pipeline.rundir import RunDir
 # its raylet, not from the driver): where eopd-pipe is imported from, and the engines' switches.
 # Where the run directory's bucket is and how claims behave, so actors on every node reach the same
 # store. Not the secret keys: a runtime_env is kept in Ray's control store and shown by its dashboard;
-# nodes take credentials as any AWS client does (instance role, ~/.aws, the env of `ray start`).
+# nodes take credentials as any AWS or Google client does (instance role or service account, ~/.aws,
+# GOOGLE_APPLICATION_CREDENTIALS, the env of `ray start`).
 FORWARDED_ENV = ("PYTHONPATH", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "EOPD_TEST_PAUSE", "EOPD_TEST_PAUSE_ONCE",
-                 "EOPD_LEASE_SECONDS", "EOPD_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
+                 "EOPD_LEASE_SECONDS", "EOPD_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+                 "STORAGE_EMULATOR_HOST", "GCSFS_DEBUG")
 FORWARDED_PREFIXES = ("VLLM_",)
 
 
