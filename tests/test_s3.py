@@ -186,7 +186,7 @@ def test_bad_urls_and_stores_are_one_message_each(s3, tmp_path):
     res = _cli("status", "foo://bucket/x", env={})
     _one_message(res, "foo://", "not supported")
     assert not (REPO / "foo:").exists()
-    _one_message(_cli("rollout", "gs://bucket/x"), "gs://", "not supported")
+    _one_message(_cli("rollout", "azure://bucket/x"), "azure://", "not supported")  # gs:// is supported: test_gcs.py
     # a bucket that does not exist
     t0 = time.monotonic()
     _one_message(_cli("status", "s3://no-such-bucket-eopd/x"), "no-such-bucket-eopd", "does not exist", "create")
