@@ -16,13 +16,14 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CLI_ENV, REPO, TRAIN, run_cli, spawn_cli, write_config
+from conftest import CLI_ENV, REPO, TRAIN, cli_cmd, run_cli, spawn_cli, write_config
 
 from pipeline import storage
 from pipeline.executors.base import Job
@@ -104,13 +105,29 @@ def config(toy, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ref(config, tmp_path_factory) -> tuple[Path, Path]:
-    """(config, run dir): the persistent `eopd-pipe run` on this machine, what every launch on the
-    cluster must equal (its round 0 is the plain stages' too: tests/test_run.py)."""
-    run = tmp_path_factory.mktemp("rayref") / "run"
-    res = run_cli("run", run, "--config", config)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return config, run
+def ref(config, tmp_path_factory):
+    """The persistent `eopd-pipe run` on this machine, what every launch on the cluster must equal
+    (its round 0 is the plain stages' too: tests/test_run.py). Started at once beside the first
+    launch, its CPU going where the cluster waits (a node's death, an engine's start, a pause);
+    `wait()` gives its run dir."""
+    tmp = tmp_path_factory.mktemp("rayref")
+    # Not conftest's spawn: that one is ended after each test, and this serves the whole module.
+    with open(tmp / "stderr", "w") as err:
+        proc = subprocess.Popen(cli_cmd("run", tmp / "run", "--config", config), cwd=REPO,
+                                env={**os.environ, **CLI_ENV, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+
+    class Reference:
+        def wait(self) -> Path:
+            code = proc.wait(timeout=1800)
+            assert code == 0, (tmp / "stderr").read_text()[-3000:]
+            return tmp / "run"
+    try:
+        yield Reference()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def digests(stage_dir: Path) -> dict[str, str]:
@@ -143,12 +160,11 @@ def test_a_launch_the_cluster_cannot_hold_is_one_message_at_once(cluster, config
 
 
 @pytest.mark.slow
-def test_shard_stages_on_actors_survive_a_lost_node_and_equal_the_local_stages(cluster, ref, tmp_path):
-    cfg, ref = ref
+def test_shard_stages_on_actors_survive_a_lost_node_and_equal_the_local_stages(cluster, config, ref, tmp_path):
     run = tmp_path / "run"
     # The actor doing rollout shard 1 pauses after computing it, before writing it; only the first
     # (the actor rebuilt on the new node goes on at once).
-    driver = spawn_cli("launch", "ray", "rollout", run, "--config", cfg, "--workers", "2", "--address", cluster.address,
+    driver = spawn_cli("launch", "ray", "rollout", run, "--config", config, "--workers", "2", "--address", cluster.address,
                        env={"EOPD_TEST_PAUSE": "rollouts.shard_compute:1:30",
                             "EOPD_TEST_PAUSE_ONCE": str(tmp_path / "paused")})
     lock = run / "round-0000" / "rollouts" / ".locks" / "part-00001.parquet.lock"
@@ -161,19 +177,19 @@ def test_shard_stages_on_actors_survive_a_lost_node_and_equal_the_local_stages(c
     out, err = driver.communicate(timeout=900)
     assert driver.returncode == 0, err[-3000:]
     assert "r0000-rollout: 4 shard(s) done now" in out, out
-
-    assert digests(run / "round-0000" / "rollouts") == digests(ref / "round-0000" / "rollouts")
-    assert json.loads(manifest.read_text()) == json.loads((ref / "round-0000" / "rollouts" / "manifest.json").read_text())
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
 
     res = run_cli("launch", "ray", "score-teacher", run, "--workers", "2", "--address", cluster.address)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert digests(run / "round-0000" / "teacher") == digests(ref / "round-0000" / "teacher")
-    assert (json.loads((run / "round-0000" / "teacher" / "manifest.json").read_text())
-            == json.loads((ref / "round-0000" / "teacher" / "manifest.json").read_text()))
     # Done by the records: launched again, nothing is handed out.
     again = run_cli("launch", "ray", "score-teacher", run, "--workers", "2", "--address", cluster.address)
     assert again.returncode == 0 and "already done" in again.stdout, again.stderr[-3000:]
+
+    local = ref.wait()
+    for stage in ("rollouts", "teacher"):
+        assert digests(run / "round-0000" / stage) == digests(local / "round-0000" / stage), stage
+        assert (json.loads((run / "round-0000" / stage / "manifest.json").read_text())
+                == json.loads((local / "round-0000" / stage / "manifest.json").read_text())), stage
 
 
 def digests_run(root: Location) -> dict[str, str]:
@@ -201,7 +217,8 @@ def losses(root: Location) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_persistent_run_on_ray_on_a_bucket_equals_the_local_persistent_run(cluster, s3, ref, tmp_path, monkeypatch):
+def test_persistent_run_on_ray_on_a_bucket_equals_the_local_persistent_run(cluster, s3, config, ref, tmp_path,
+                                                                          monkeypatch):
     """`launch ray run` with RUN_DIR on s3:// and --workers 1 (1 CPU each) on the two one-CPU
     nodes: the rollout, teacher and trainer roles (3 actors) do not fit at once, so they take turns,
     the one needed again furthest ahead released first: the rollout engine takes round 0's student
@@ -209,12 +226,11 @@ def test_persistent_run_on_ray_on_a_bucket_equals_the_local_persistent_run(clust
     for round 1; then eval and report as a task. The actors reach the bucket with the endpoint the
     driver forwards and the keys of their nodes' environment. While rollout shard 1 is held, `status`
     on the URL names its actor's Ray node. Shards, students and losses equal the local run's."""
-    cfg, ref = ref
     url = f"s3://{s3.bucket()}/runs/ray"
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)  # the driver's, `status`'s and this process's store
     monkeypatch.setenv("AWS_DEFAULT_REGION", s3.env["AWS_DEFAULT_REGION"])
     root = storage.location(url)
-    driver = spawn_cli("launch", "ray", "run", url, "--config", cfg, "--workers", "1", "--address", cluster.address,
+    driver = spawn_cli("launch", "ray", "run", url, "--config", config, "--workers", "1", "--address", cluster.address,
                        env={"EOPD_TEST_PAUSE": "rollouts.shard_compute:1:15",
                             "EOPD_TEST_PAUSE_ONCE": str(tmp_path / "paused")})
     locks = root / "round-0000" / "rollouts" / ".locks"
@@ -236,9 +252,10 @@ def test_persistent_run_on_ray_on_a_bucket_equals_the_local_persistent_run(clust
     assert pid["r0000-rollout"] == pid["r0001-rollout"] and pid["r0000-train"] == pid["r0001-train"], out
     assert pid["r0000-score-teacher"] != pid["r0001-score-teacher"], out
     assert "plot:" in out
-    assert len(digests_run(root)) == 18 and digests_run(root) == digests_run(ref)
-    assert manifests_run(root) == manifests_run(ref)
-    assert losses(root) == losses(ref)
+    local = ref.wait()
+    assert len(digests_run(root)) == 18 and digests_run(root) == digests_run(local)
+    assert manifests_run(root) == manifests_run(local)
+    assert losses(root) == losses(local)
 
 
 def test_roles_take_turns_only_where_the_cluster_is_too_small():

@@ -188,7 +188,7 @@ class RayExecutor(Executor):
         fixes = [f"--workers {slots} or fewer"] if slots >= 1 and job.sharded else []
         if self.cpus > 0:
             # the largest CPU ask (of the form `a node's CPUs / k`, 2 decimals down) with which `need` actors fit
-            cands = sorted({math.floor(n["Resources"].get("CPU", 0.0) / k * 100) / 100 for n in nodes if n.get("Alive")
+            cands = sorted({math.floor(n.get("Resources", {}).get("CPU", 0.0) / k * 100) / 100 for n in nodes if n.get("Alive")
                             for k in range(1, need + 1)}, reverse=True)
             cpus = next((c for c in cands if c > 0 and (worker_slots(nodes, c, self.gpus) or 0) >= need), None)
             if cpus:
