@@ -413,7 +413,7 @@ def launch_slurm(target, run_dir, config_path, overrides, allow_config_change, r
 @launch_options
 @click.option("--address", help="The Ray cluster to join (ray.init address, e.g. auto or ray://HEAD:10001). "
                                 "Default: RAY_ADDRESS, else a new Ray instance on this machine.")
-@click.option("--cpus-per-worker", type=float, default=1, show_default=True, help="CPUs each worker actor reserves.")
+@click.option("--cpus-per-worker", type=float, default=1, show_default=True, help="CPUs each worker actor reserves (a fraction lets actors share a node's CPUs).")
 @click.option("--gpus-per-worker", type=float, default=0, show_default=True,
               help="GPUs each worker actor reserves (1: one actor per GPU, holding that GPU's engine).")
 @handle_errors
@@ -421,9 +421,10 @@ def launch_ray(target, run_dir, config_path, overrides, allow_config_change, rou
                cpus_per_worker, gpus_per_worker):
     """Run TARGET on a Ray cluster. A sharded stage: --workers long-lived actors, each holding the
     stage's engine (the vLLM sampler, the loaded teacher), this driver handing shard indices to
-    whichever actor is free. `run`: the rollout, teacher and trainer roles as actors kept for the
-    whole run (each new student's weights loaded in place from RUN_DIR), then eval and report as a
-    task. An actor lost with its node is rebuilt by Ray (max_restarts=-1) and its call retried there
+    whichever actor is free. `run`: the rollout, teacher and trainer roles as actors (2 x --workers
+    + 1 of them), kept for the whole run where the cluster holds them all (each new student's weights
+    loaded in place from RUN_DIR), else taking turns; a cluster too small for one role is refused at
+    once with what it needs. Then eval and report as a task. An actor lost with its node is rebuilt by Ray (max_restarts=-1) and its call retried there
     (max_task_retries=-1); a restarted driver re-reads RUN_DIR's records and redoes only what they
     lack. Needs the `ray` extra."""
     from pipeline.executors import require_extra
