@@ -5,11 +5,13 @@ writes is overlapped; tests that kill a process at a chosen point still run it i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterator
 
 from conftest import CLI_ENV, REPO, cli_cmd
 
@@ -85,3 +87,33 @@ def failure_text(stderr: str, tail: int = 3000) -> str:
     first = next((i for i, line in enumerate(lines) if "Traceback" in line or " ERROR " in line), None)
     head = "\n".join(lines[first:first + 40]) + "\n...\n" if first is not None else ""
     return head + stderr[-tail:]
+
+
+def race(n: int, fn: Callable[[int], Any]) -> list:
+    """fn(0) .. fn(n-1) in n threads released together by a barrier; their results in order."""
+    out, barrier = [None] * n, threading.Barrier(n)
+
+    def run(i):
+        barrier.wait()
+        out[i] = fn(i)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with `env` set (a test server's endpoint and keys), restored afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

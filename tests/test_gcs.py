@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gcsserver import FakeGCS  # noqa: E402
+from helpers import environment, race  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,15 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     server = FakeGCS(tmp_path_factory.mktemp("fakegcs")).start()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    try:
+        with environment(server.env):
+            yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -44,20 +40,6 @@ def where(gcs):
     from pipeline import storage
 
     return storage.location(f"gs://{gcs.bucket()}/d")
-
-
-def _race(n: int, fn) -> list:
-    out, barrier = [None] * n, threading.Barrier(n)
-
-    def run(i):
-        barrier.wait()
-        out[i] = fn(i)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
 
 
 def _raw_put(gcs: FakeGCS, p, data: bytes) -> None:
@@ -95,7 +77,7 @@ def test_gs_urls_are_bucket_locations(gcs):
 def test_create_is_exclusive_and_complete(where):
     from pipeline import storage
 
-    wins = _race(6, lambda i: storage.create(where / "x.json", f"writer {i}".encode()))
+    wins = race(6, lambda i: storage.create(where / "x.json", f"writer {i}".encode()))
     assert sum(wins) == 1
     assert storage.read_text(where / "x.json") == f"writer {wins.index(True)}"
     assert storage.create(where / "x.json", b"late") is False
@@ -107,7 +89,7 @@ def test_update_loses_no_write(where):
     from pipeline import storage
 
     p = where / "log.jsonl"
-    _race(6, lambda i: [storage.append_text(p, f"{i}-{j}\n") for j in range(5)])
+    race(6, lambda i: [storage.append_text(p, f"{i}-{j}\n") for j in range(5)])
     lines = storage.read_text(p).splitlines()
     assert sorted(lines) == sorted(f"{i}-{j}" for i in range(6) for j in range(5))
     # `change` returning None leaves the object as it is
@@ -119,7 +101,7 @@ def test_claims_are_exclusive_and_released(where):
     from pipeline import storage
 
     lock = where / ".locks" / "part-00000.parquet.lock"
-    got = _race(5, lambda i: storage.claim(lock))
+    got = race(5, lambda i: storage.claim(lock))
     held = [c for c in got if c is not None]
     assert len(held) == 1
     assert storage.claim(lock) is None
@@ -137,7 +119,7 @@ def test_write_file_exclusive_second_writer_loses(where):
     from pipeline import storage
 
     final = where / "round-0000" / "rollouts" / "part-00001.parquet"
-    wins = _race(4, lambda i: storage.write_file(final, lambda tmp: tmp.write_bytes(f"shard by {i}".encode()),
+    wins = race(4, lambda i: storage.write_file(final, lambda tmp: tmp.write_bytes(f"shard by {i}".encode()),
                                                  exclusive=True))
     assert sum(wins) == 1
     want = f"shard by {wins.index(True)}".encode()

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from s3server import SeaweedS3  # noqa: E402
+from helpers import environment, race  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,15 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
-    yield server
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    try:
+        with environment(server.env):
+            yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -49,24 +45,10 @@ def where(request, tmp_path):
     return storage.location(f"s3://{server.bucket()}/d")
 
 
-def _race(n: int, fn) -> list:
-    out, barrier = [None] * n, threading.Barrier(n)
-
-    def run(i):
-        barrier.wait()
-        out[i] = fn(i)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
-
-
 def test_create_is_exclusive_and_complete(where):
     from pipeline import storage
 
-    wins = _race(6, lambda i: storage.create(where / "x.json", f"writer {i}".encode()))
+    wins = race(6, lambda i: storage.create(where / "x.json", f"writer {i}".encode()))
     assert sum(wins) == 1
     assert storage.read_text(where / "x.json") == f"writer {wins.index(True)}"
     with pytest.raises(ValueError, match="non-empty"):
@@ -77,7 +59,7 @@ def test_update_loses_no_write(where):
     from pipeline import storage
 
     p = where / "log.jsonl"
-    _race(6, lambda i: [storage.append_text(p, f"{i}-{j}\n") for j in range(5)])
+    race(6, lambda i: [storage.append_text(p, f"{i}-{j}\n") for j in range(5)])
     lines = storage.read_text(p).splitlines()
     assert sorted(lines) == sorted(f"{i}-{j}" for i in range(6) for j in range(5))
 
@@ -85,7 +67,7 @@ def test_update_loses_no_write(where):
 def test_claims_are_exclusive_and_released(where):
     from pipeline import storage
 
-    got = _race(5, lambda i: storage.claim(where / ".locks" / "part-00000.parquet.lock"))
+    got = race(5, lambda i: storage.claim(where / ".locks" / "part-00000.parquet.lock"))
     held = [c for c in got if c is not None]
     assert len(held) == 1
     assert storage.claim(where / ".locks" / "part-00000.parquet.lock") is None
