@@ -1,9 +1,11 @@
 """The run directory on a real S3-compatible server (SeaweedFS, started once for this module): the
 storage layer's guarantees (exclusive create, compare-and-swap updates, leases), bad inputs, and
-the stages and the persistent `run` on a bucket, killed for real, against the same on a local path."""
+the stage commands (as `--worker I/N` workers at once, too) and `run` (persistent and with
+--per-stage-processes) on a bucket, killed for real, against the same on a local path."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -24,6 +26,17 @@ from helpers import environment, race  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _kill(server: SeaweedS3) -> None:
+    """Stop the server at once with SIGKILL, as a store that crashes (what it stored stays on disk: a
+    restart serves it). `SeaweedS3.stop()` sends SIGTERM and waits 20 s before it kills: weed's own
+    graceful shutdown takes ~25 s (it keeps retrying its stopped filer), so that is 20 s lost per stop."""
+    if server.proc is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        server.proc = None
+
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
@@ -31,7 +44,7 @@ def s3(tmp_path_factory):
         with environment(server.env):
             yield server
     finally:
-        server.stop()
+        _kill(server)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -265,18 +278,47 @@ def local_ref(toy, tmp_path_factory):
     return cfg, storage.location(tmp / "run")
 
 
+def _two_workers(stage: str, url: str, cfg) -> None:
+    """`STAGE URL --worker 0/2` and `--worker 1/2`, started together (each starts its own engine).
+    Worker 1 is frozen (SIGSTOP) once it has computed its first shard, before writing it, and
+    worker 0 must then end on its own: it does shards 0 and 2 and leaves the stage incomplete. A
+    worker 0 that ignored --worker would also do the shards worker 1 has not claimed, and wait for
+    those it holds until their leases expire (60 s) to redo them: more than 2 shards, the stage
+    complete. Then worker 1 thaws, does shards 1 and 3 and completes the stage."""
+    args = (stage, url, "--config", cfg, "--round", "0")
+    # The pause outlasts the moment it takes this process to read its line and freeze worker 1;
+    # the freeze counts towards it (monotonic clock), so little of it is left after the thaw.
+    w1 = spawn_cli(*args, "--worker", "1/2", env={"EOPD_TEST_PAUSE": "shard_compute:1:10"})
+    w0 = spawn_cli(*args, "--worker", "0/2")
+    try:
+        wait_for_line(w1, "EOPD_TEST_PAUSE reached shard_compute:1")
+        os.killpg(w1.pid, signal.SIGSTOP)
+        out0, err0 = w0.communicate(timeout=900)
+        assert w0.returncode == 0, (stage, err0[-3000:])
+        assert f"{stage}: 2 shard(s) done now, 0 before" in out0 and "stage incomplete" in out0, (stage, out0)
+        os.killpg(w1.pid, signal.SIGCONT)
+        assert w1.wait(timeout=900) == 0, (stage, rest_of_stderr(w1)[-3000:])
+        out1 = w1.stdout.read()
+        assert f"{stage}: 2 shard(s) done now, 0 before" in out1 and "stage complete" in out1, (stage, out1)
+    finally:
+        for p in (w0, w1):
+            if p.poll() is None:
+                kill_group(p, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_stage_commands_and_tools_on_a_bucket(s3, local_ref):
-    """rollout, score-teacher and train (stage commands) on s3://, then status --verify, eval, report,
-    compare on the bucket: shards, students and losses equal to the local persistent run's round 0,
-    and no credential anywhere in the run directory."""
+    """rollout and score-teacher as two workers each (`--worker 0/2` and `1/2` at once), train, then
+    status --verify, eval, report, compare on the bucket: shards, students and losses equal to the
+    local persistent run's round 0, and no credential anywhere in the run directory."""
     from pipeline import storage
 
     cfg, ref = local_ref
     url = f"s3://{s3.bucket()}/runs/stages"
-    for stage in ("rollout", "score-teacher", "train"):
-        res = run_cli(stage, url, "--config", cfg, "--round", "0")
-        assert res.returncode == 0, (stage, res.stderr[-3000:])
+    for stage in ("rollout", "score-teacher"):
+        _two_workers(stage, url, cfg)
+    res = run_cli("train", url, "--config", cfg, "--round", "0")
+    assert res.returncode == 0, ("train", res.stderr[-3000:])
     root = storage.location(url)
     got, want = _tables(root), {k: v for k, v in _tables(ref).items() if k.startswith("round-0000")}
     assert got == want
@@ -374,9 +416,10 @@ def test_object_server_stopped_mid_stage_then_resumed(s3, local_ref):
 
     cfg, ref = local_ref
     url = f"s3://{s3.bucket()}/runs/outage"
-    proc = spawn_cli("rollout", url, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_compute:1:20"})
+    # The pause outlasts the moment it takes this process to read its line and kill the server.
+    proc = spawn_cli("rollout", url, "--config", cfg, env={"EOPD_TEST_PAUSE": "shard_compute:1:8"})
     wait_for_line(proc, "EOPD_TEST_PAUSE reached shard_compute:1")
-    s3.stop()
+    _kill(s3)
     try:
         proc.wait(timeout=600)
         err = rest_of_stderr(proc)  # wait_for_line's reader holds the pipe
@@ -399,10 +442,13 @@ def test_object_server_stopped_mid_stage_then_resumed(s3, local_ref):
 
 
 @pytest.mark.slow
-def test_persistent_run_on_a_bucket_killed_at_random(s3, local_ref):
-    """The persistent `run` on s3:// over 3 rounds, its process group killed with SIGKILL at random
-    moments (drawn by progress: shards and students written), restarted until done: rows, students
-    and per-step losses equal to the uninterrupted local run."""
+def test_run_on_a_bucket_persistent_and_per_stage_processes_killed_at_random(s3, local_ref):
+    """`run` on s3:// over 3 rounds, its process group killed with SIGKILL at random moments (drawn
+    by progress: shards and students written) and restarted until done, alternately as the
+    persistent run and with --per-stage-processes (the last call, which finishes the run, with
+    it): rows, students and per-step losses equal to the uninterrupted local persistent run.
+    With --per-stage-processes every stage is a process of its own: no stage is recorded by the
+    `run` process itself, and stage processes wrote rollouts, teacher shards and students."""
     from pipeline import storage
 
     cfg, ref = local_ref
@@ -410,25 +456,47 @@ def test_persistent_run_on_a_bucket_killed_at_random(s3, local_ref):
     root = storage.location(url)
     rng = random.Random(21)
 
-    def progress() -> int:
-        return sum(len(storage.names(root / f"round-{r:04d}" / s, "part-*.parquet")) for r in range(3)
-                   for s in ("rollouts", "teacher")) + len(_students(root))
+    def outputs() -> dict[str, int]:
+        """Shards and students written (a student counts once its config.json, written last, is there)."""
+        rounds = [root / f"round-{r:04d}" for r in range(3)]
+        return {**{s: sum(len(storage.names(d / s, "part-*.parquet")) for d in rounds) for s in ("rollouts", "teacher")},
+                "student": sum(storage.is_file(d / "student" / "config.json") for d in rounds)}
 
     total = sum(1 for _ in _tables(ref)) + 3
-    kills = 0
-    for target in sorted(rng.sample(range(2, total - 1), 3)):
-        proc = spawn_cli("run", url, "--config", cfg)
+    kills, runs, grown = 0, {}, set()  # grown: what the per-stage calls' stage processes wrote
+    per_stage = ("--per-stage-processes",)
+    # (7, 15, 24) of 27 outputs: the per-stage call runs from round 0's teacher shards into round 1's,
+    # so its stage processes write round 1's rollouts and teacher shards; the last call trains round 2.
+    for n, target in enumerate(sorted(rng.sample(range(2, total - 1), 3))):
+        mode = "per-stage" if n % 2 else "persistent"
+        before = outputs()
+        proc = spawn_cli("run", url, "--config", cfg, *(per_stage if mode == "per-stage" else ()))
+        runs[proc.pid] = mode
         deadline = time.monotonic() + 900
-        while progress() < target and proc.poll() is None:
+        while sum(outputs().values()) < target and proc.poll() is None:
             assert time.monotonic() < deadline, "no progress"
             time.sleep(0.3)
         if proc.poll() is None:
             kill_group(proc, signal.SIGKILL)
             kills += 1
-    res = run_cli("run", url, "--config", cfg)
-    assert res.returncode == 0, res.stderr[-3000:]
+        else:
+            assert proc.returncode == 0, (mode, proc.stderr.read()[-3000:])
+        if mode == "per-stage":
+            grown |= {k for k, v in outputs().items() if v > before[k]}
+    before = outputs()
+    last = spawn_cli("run", url, "--config", cfg, *per_stage)
+    runs[last.pid] = "per-stage"
+    out, err = last.communicate(timeout=1800)
+    assert last.returncode == 0, err[-3000:]
+    grown |= {k for k, v in outputs().items() if v > before[k]}
     assert kills >= 2
     _same_run(root, ref)
+    # Who recorded each finished stage (ROUND/timings.jsonl: the pid of the process that ran it).
+    done = [json.loads(line) for r in range(3)
+            for line in storage.read_text(root / f"round-{r:04d}" / "timings.jsonl").splitlines() if line]
+    assert not [t for t in done if runs.get(t["pid"]) == "per-stage"], done  # never in the `run` process
+    assert {t["stage"] for t in done if t["pid"] not in runs} >= {"rollouts", "train"}, done
+    assert grown == {"rollouts", "teacher", "student"}, grown
 
 
 @pytest.mark.slow
