@@ -431,14 +431,21 @@ def launch_ray(target, run_dir, config_path, overrides, allow_config_change, rou
     from pipeline.executors.ray import RayExecutor
     from stages.launch import ShardEngine, TrainEngine, run_command
 
+    from pipeline.rundir import freeze_config
+
     require_extra("ray", "ray", "eopd-pipe launch ray")  # before RUN_DIR is touched
-    run, cfg, jobs = launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers)
-    if not jobs:
-        click.echo(f"{target}: already done in {run.root}")
-        return
+    run, cfg, jobs = launch_plan(target, run_dir, config_path, overrides, allow_config_change, round_index, workers,
+                                 freeze=False)
     executor = RayExecutor(run, cfg, ShardEngine, workers, address, cpus_per_worker, gpus_per_worker,
                            trainer=TrainEngine, command=run_command)
     try:
+        if jobs:  # a cluster too small is refused before RUN_DIR is written (no config.yaml left behind)
+            executor.connect()
+            executor.fit(jobs)
+        executor.cfg = freeze_config(run, cfg, allow_config_change)  # every actor reads RUN_DIR/config.yaml
+        if not jobs:
+            click.echo(f"{target}: already done in {run.root}")
+            return
         runs = executor.launch(jobs, echo=click.echo)
     finally:
         executor.shutdown()

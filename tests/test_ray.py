@@ -157,6 +157,7 @@ def test_a_launch_the_cluster_cannot_hold_is_one_message_at_once(cluster, config
         assert text in err, res.stderr[-3000:]
     assert time.monotonic() - t0 < 120
     assert not storage.subdirs(tmp_path / "run", "round-*")  # no stage began
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nor was the run's config frozen
 
 
 @pytest.mark.slow
