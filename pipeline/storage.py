@@ -915,7 +915,7 @@ class _LockClaim(Claim):
     def __init__(self, p: Path, lock) -> None:
         super().__init__(p)
         self._lock = lock
-        self.ttl, self._worker = lease_seconds(), worker_identity()
+        self.ttl = lease_seconds()
         self._stop = threading.Event()
         self._beat()
         self._thread = threading.Thread(target=self._heartbeat, name="eopd-lock-heartbeat", daemon=True)
@@ -926,8 +926,7 @@ class _LockClaim(Claim):
         with contextlib.suppress(OSError):
             fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC)
             try:
-                os.write(fd, body if body is not None else json.dumps(
-                    {"worker": self._worker, "renewed": time.time(), "expires_s": self.ttl}).encode())
+                os.write(fd, body if body is not None else _heartbeat(self.ttl))
             finally:
                 os.close(fd)
 
@@ -956,7 +955,7 @@ class _Lease(Claim):
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
-                self._etag = _put_token(self.path, _lease_body(self.owner, self.ttl), self._etag)
+                self._etag = _put_token(self.path, _heartbeat(self.ttl, owner=self.owner), self._etag)
             except Exception as e:
                 if _precondition_failed(e) or isinstance(e, FileNotFoundError):
                     self.lost = True  # taken over: the other worker redoes the shard; records stay single
@@ -980,8 +979,18 @@ def _put_token(p: Location, data: bytes, token: str | None) -> str:
     return new if new is not None else _store(p).token(_head(p))
 
 
-def _lease_body(owner: str, ttl: float) -> bytes:
-    return json.dumps({"owner": owner, "worker": worker_identity(), "renewed": time.time(), "expires_s": ttl}).encode()
+def _heartbeat(ttl: float, **fields: str) -> bytes:
+    """A claim's record, rewritten while it is held (a lease object's body; a lock file's contents)."""
+    return json.dumps({**fields, "worker": worker_identity(), "renewed": time.time(), "expires_s": ttl}).encode()
+
+
+def claim_age(held: dict[str, Any]) -> tuple[float, bool]:
+    """(seconds since a claim's last heartbeat, whether it has expired): the one rule for a lease
+    object, a lock file's heartbeat and `status`. Expired once older than the `expires_s` it names,
+    or at once when its holder is seen gone (same machine, dead process). Raises KeyError, TypeError
+    or ValueError for a record that is not a claim's."""
+    age = time.time() - float(held["renewed"])
+    return age, age > float(held.get("expires_s", lease_seconds())) or holder_gone(held.get("worker", {}))
 
 
 def claim(p: Location) -> Claim | None:
@@ -1001,7 +1010,7 @@ def claim(p: Location) -> Claim | None:
     for _ in range(3):  # the holder may release between our create and our read: try again
         try:
             with errors(p, "create the lease"):
-                return _Lease(p, owner, _put_token(p, _lease_body(owner, ttl), None), ttl)
+                return _Lease(p, owner, _put_token(p, _heartbeat(ttl, owner=owner), None), ttl)
         except Exception as e:
             if not _precondition_failed(e):
                 raise
@@ -1012,16 +1021,14 @@ def claim(p: Location) -> Claim | None:
     else:
         return None
     try:
-        held = json.loads(body)
-        expired = (time.time() - float(held["renewed"]) > float(held.get("expires_s", ttl))
-                   or holder_gone(held.get("worker", {})))
+        expired = claim_age(json.loads(body))[1]
     except (ValueError, KeyError, TypeError, AttributeError):
         expired = True  # not a lease of ours: treat as stale
     if not expired:
         return None
     try:
         with errors(p, "take over the lease"):
-            return _Lease(p, owner, _put_token(p, _lease_body(owner, ttl), etag), ttl)
+            return _Lease(p, owner, _put_token(p, _heartbeat(ttl, owner=owner), etag), ttl)
     except Exception as e:
         if _precondition_failed(e):
             return None  # another worker took it over first
@@ -1036,7 +1043,6 @@ def leases(d: Location) -> list[dict[str, Any]]:
     for name in names(d, "*.lock"):
         with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
             held = json.loads(read_bytes(d / name))
-            age = time.time() - float(held["renewed"])
-            out.append({"name": name, "worker": held.get("worker", {}), "age_s": age,
-                        "expired": age > float(held.get("expires_s", _LEASE_DEFAULT)) or holder_gone(held.get("worker", {}))})
+            age, expired = claim_age(held)
+            out.append({"name": name, "worker": held.get("worker", {}), "age_s": age, "expired": expired})
     return out

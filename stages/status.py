@@ -14,12 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from pathlib import Path
 
 from pipeline import storage
 from pipeline.errors import UserError
-from pipeline.identity import describe_worker, holder_gone, same_pid_view
+from pipeline.identity import describe_worker, same_pid_view
 from pipeline.health import health_warnings, round_health
 from pipeline.rundir import STAGES, RunDir
 from pipeline.shards import (SCHEMA_VERSION, Manifest, ShardInfo, schema_metadata, sha256_file,
@@ -126,8 +125,8 @@ def remote_holder(beat: dict) -> str | None:
     another machine (or in another pid namespace) whose heartbeat is younger than its expiry; None for
     a released lock (empty file), a stale heartbeat (its holder died there) or a holder seen gone here."""
     try:
-        ident, age = beat["worker"], time.time() - float(beat["renewed"])
-        if age > float(beat.get("expires_s", storage.lease_seconds())) or holder_gone(ident):
+        ident, (age, expired) = beat["worker"], storage.claim_age(beat)
+        if expired:
             return None
         if same_pid_view(ident):
             return None  # same machine and pid view: /proc/locks would show it if it were held

@@ -117,3 +117,67 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+_LEASE_HOLDER = """
+import sys, time
+from pipeline import storage
+c = storage.claim(storage.location(sys.argv[1]))
+print("held" if c is not None else "refused", flush=True)
+sys.stdin.readline()  # the test says when to look again
+time.sleep(2 * storage.lease_seconds() / 3)  # a renewal tries, and finds the lease taken over
+print("lost" if c.lost else "kept", flush=True)
+c.release()
+print("released", flush=True)
+"""
+
+
+def check_lease_takeover(lock_url: Callable[[str], str]) -> None:
+    """A bucket lease (`lock_url(name)`, a URL under a run's .locks/) with a 2-s life, held by another
+    process: renewed while its holder lives (held past several lifetimes). Frozen (SIGSTOP: alive, as
+    one cut off from the store), it is taken over only once its last renewal has expired; thawed, the
+    holder learns it lost the lease and its release leaves the new holder's lease alone. A holder
+    killed on this machine frees it at once (its pid is seen gone)."""
+    import sys
+    import time
+
+    from pipeline import storage
+
+    with environment({"EOPD_LEASE_SECONDS": "2"}):
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        for ending in ("freeze", "kill"):
+            url = lock_url(f"part-{ending}.parquet.lock")
+            holder = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER, url], env=env, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+            try:
+                assert holder.stdout.readline().strip() == "held"
+                time.sleep(5)  # 2.5 lifetimes: alive only through its renewals
+                assert storage.claim(storage.location(url)) is None
+                lease = storage.leases(storage.location(url).parent)
+                assert len(lease) == 1 and lease[0]["worker"]["pid"] == holder.pid and not lease[0]["expired"]
+                if ending == "freeze":
+                    holder.send_signal(signal.SIGSTOP)
+                else:
+                    holder.kill()
+                    holder.wait()
+                t0 = time.monotonic()
+                while (c := storage.claim(storage.location(url))) is None:
+                    assert time.monotonic() - t0 < 15
+                    time.sleep(0.2)
+                waited = time.monotonic() - t0
+                if ending == "freeze":
+                    assert waited > 0.5  # not at once: its last renewal had to age past 2 s
+                    holder.send_signal(signal.SIGCONT)
+                    holder.stdin.write("go\n")
+                    holder.stdin.flush()
+                    assert holder.stdout.readline().strip() == "lost"
+                    assert holder.stdout.readline().strip() == "released"
+                    mine = storage.leases(storage.location(url).parent)
+                    assert len(mine) == 1 and mine[0]["worker"]["pid"] == os.getpid()  # not deleted by the loser
+                else:
+                    assert waited < 0.5  # the first try: its holder is seen gone
+                c.release()
+                assert storage.leases(storage.location(url).parent) == []
+            finally:
+                holder.kill()
+                holder.wait()

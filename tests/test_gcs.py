@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gcsserver import FakeGCS  # noqa: E402
-from helpers import environment, race  # noqa: E402
+from helpers import check_lease_takeover, environment, race  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,67 +164,13 @@ def test_write_read_list_and_trees(where, tmp_path, monkeypatch):
     assert again != got and (again / "sub" / "weights").read_bytes() == b"new"
 
 
-_HOLDER = """
-import sys, time
-from pipeline import storage
-c = storage.claim(storage.location(sys.argv[1]))
-print("held" if c is not None else "refused", flush=True)
-sys.stdin.readline()  # the test says when to look again
-time.sleep(2 * storage.lease_seconds() / 3)  # a renewal tries, and finds the lease taken over
-print("lost" if c.lost else "kept", flush=True)
-c.release()
-print("released", flush=True)
-"""
-
-
 def test_lease_renewed_then_taken_over_only_after_expiry(gcs):
     """A lease is renewed while its holder lives (held past several lifetimes). Frozen (SIGSTOP: alive,
     as one cut off from the store), it is taken over only once its last renewal has expired; thawed,
     the holder learns it lost the lease and its release leaves the new holder's lease alone. A
-    holder killed on this machine frees it at once."""
-    from pipeline import storage
-
-    env = {**os.environ, "EOPD_LEASE_SECONDS": "2", "PYTHONPATH": str(REPO)}
-    os.environ["EOPD_LEASE_SECONDS"] = "2"
-    try:
-        for ending in ("freeze", "kill"):
-            url = f"gs://{gcs.bucket()}/run/.locks/part-{ending}.parquet.lock"
-            holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url], env=env, stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True)
-            try:
-                assert holder.stdout.readline().strip() == "held"
-                time.sleep(5)  # 2.5 lifetimes: alive only through its renewals
-                assert storage.claim(storage.location(url)) is None
-                lease = storage.leases(storage.location(url).parent)
-                assert len(lease) == 1 and lease[0]["worker"]["pid"] == holder.pid and not lease[0]["expired"]
-                if ending == "freeze":
-                    holder.send_signal(signal.SIGSTOP)
-                else:
-                    holder.kill()
-                    holder.wait()
-                t0 = time.monotonic()
-                while (c := storage.claim(storage.location(url))) is None:
-                    assert time.monotonic() - t0 < 15
-                    time.sleep(0.2)
-                waited = time.monotonic() - t0
-                if ending == "freeze":
-                    assert waited > 0.5  # not at once: its last renewal had to age past 2 s
-                    holder.send_signal(signal.SIGCONT)
-                    holder.stdin.write("go\n")
-                    holder.stdin.flush()
-                    assert holder.stdout.readline().strip() == "lost"
-                    assert holder.stdout.readline().strip() == "released"
-                    mine = storage.leases(storage.location(url).parent)
-                    assert len(mine) == 1 and mine[0]["worker"]["pid"] == os.getpid()  # not deleted by the loser
-                else:
-                    assert waited < 0.5  # the first try: its holder is seen gone
-                c.release()
-                assert storage.leases(storage.location(url).parent) == []
-            finally:
-                holder.kill()
-                holder.wait()
-    finally:
-        os.environ.pop("EOPD_LEASE_SECONDS", None)
+    holder killed on this machine frees it at once (tests/helpers.py: check_lease_takeover)."""
+    bucket = gcs.bucket()
+    check_lease_takeover(lambda name: f"gs://{bucket}/run/.locks/{name}")
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from s3server import SeaweedS3  # noqa: E402
-from helpers import environment, race  # noqa: E402
+from helpers import check_lease_takeover, environment, race  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,56 +104,17 @@ def test_write_bytes_and_listing(where):
     assert storage.names(where / "a", "part-*") == [] and not storage.is_file(where / "a" / "sub" / "f")
 
 
-_HOLDER = """
-import sys, time
-from pipeline import storage
-c = storage.claim(storage.location(sys.argv[1]))
-print("held" if c is not None else "refused", flush=True)
-time.sleep(3600)
-"""
-
-
 def test_lease_renewed_while_alive_expires_when_frozen_and_is_freed_when_its_holder_dies(s3, tmp_path):
-    """A lease is renewed while its holder lives (held past several lifetimes); a frozen holder
-    (SIGSTOP: alive, as one cut off from the store) loses it only once it has expired; a holder
-    killed on this machine (its pid gone) frees it at once, as the OS frees a dead process's lock."""
-    from pipeline import storage
+    """A lease is renewed while its holder lives; a frozen holder (SIGSTOP: alive, as one cut off from
+    the store) loses it only once it has expired, and its release then leaves the new holder's lease
+    alone; a holder killed on this machine (its pid gone) frees it at once, as the OS frees a dead
+    process's lock (tests/helpers.py: check_lease_takeover)."""
     from pipeline.identity import holder_gone, worker_identity
 
     assert not holder_gone(worker_identity())
     assert not holder_gone({**worker_identity(), "boot_id": "another-machine", "pid": 2 ** 22 + 7})
-    env = {**os.environ, "EOPD_LEASE_SECONDS": "2", "PYTHONPATH": str(REPO)}
-    os.environ["EOPD_LEASE_SECONDS"] = "2"
-    try:
-        for ending in ("freeze", "kill"):
-            url = f"s3://{s3.bucket()}/run/.locks/part-{ending}.parquet.lock"
-            holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url], env=env, stdout=subprocess.PIPE, text=True)
-            try:
-                assert holder.stdout.readline().strip() == "held"
-                time.sleep(5)  # 2.5 lifetimes: alive only through its renewals
-                assert storage.claim(storage.location(url)) is None
-                lease = storage.leases(storage.location(url).parent)
-                assert len(lease) == 1 and lease[0]["worker"]["pid"] == holder.pid and not lease[0]["expired"]
-                if ending == "freeze":
-                    holder.send_signal(signal.SIGSTOP)
-                else:
-                    holder.kill()
-                    holder.wait()
-                t0 = time.monotonic()
-                while (c := storage.claim(storage.location(url))) is None:
-                    assert time.monotonic() - t0 < 15
-                    time.sleep(0.2)
-                waited = time.monotonic() - t0
-                if ending == "freeze":
-                    assert waited > 0.5  # not at once: its last renewal had to age past 2 s
-                else:
-                    assert waited < 0.5  # the first try: its holder is seen gone
-                c.release()
-            finally:
-                holder.kill()
-                holder.wait()
-    finally:
-        os.environ.pop("EOPD_LEASE_SECONDS", None)
+    bucket = s3.bucket()
+    check_lease_takeover(lambda name: f"s3://{bucket}/run/.locks/{name}")
 
 
 # ----------------------------------------------------------------------------- bad inputs
