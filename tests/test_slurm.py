@@ -198,20 +198,35 @@ def wait_until_gone(slurm: dict, jobs: list[dict], timeout: float) -> None:
     wait_for(lambda: not ids & set(_sh(slurm, "squeue", "-h", "-r", "-o", "%F").split()), "the jobs to end", timeout)
 
 
+def elapsed_seconds(slurm: dict, task: str) -> int:
+    """How long a running task has run (squeue's %M: [D-]H:MM:SS or M:SS)."""
+    text = _sh(slurm, "squeue", "-h", "-j", task, "-o", "%M")
+    days, _, hms = text.rpartition("-")
+    seconds = 0
+    for part in hms.split(":"):
+        seconds = 60 * seconds + int(part)
+    return seconds + 86400 * int(days or 0)
+
+
 def test_a_task_warned_before_its_time_limit_requeues_itself_and_resumes(slurm, toy, reference, tmp_path):
-    """--time=1 with the warning 50 s before it: the stage gets SIGTERM ~10 s in, stops cleanly and the
-    batch script requeues the task (the job still RUNNING: not Slurm's own requeue); given time, it
-    comes back and finishes the stage exactly as on this machine. The first run of the stage pauses
-    at shard 1 until a SIGTERM ends the pause: slurmctld checks time limits only every few tens of
-    seconds, and on an idle machine the whole stage could end before the warning (seen in CI)."""
+    """The warning 100 s before the time limit (--signal=B:TERM@100): the stage gets SIGTERM in the
+    middle of shard 1, stops cleanly and the batch script requeues the task (the job still RUNNING:
+    not Slurm's own requeue); given time, it comes back and finishes the stage exactly as on this
+    machine. The warning comes on an event, not a clock, so that neither a slow machine (the stage
+    not yet at its shard) nor a fast one (the stage already done) misses it: the first run pauses
+    at shard 1 (only a SIGTERM ends the pause early), and only then is its time limit cut to the
+    next whole minute at least 30 s away (Slurm limits are whole minutes; slurmctld then warns at
+    its next check, since less than 100 s are left)."""
     run = tmp_path / "run"
     jobs = launch(slurm, "rollout", run, "--config", config(toy, tmp_path / "cfg.yaml"), "--workers", "1",
-                  "--sbatch-arg=--time=1", "--signal-seconds", "50",
+                  "--sbatch-arg=--time=10", "--signal-seconds", "100",
                   env={"EOPD_TEST_PAUSE": "shard_compute:1:600", "EOPD_TEST_PAUSE_ONCE": str(tmp_path / "paused")})
     task = f"{jobs[0]['slurm_job_id']}_0"
     log = run / "logs" / "slurm" / f"r0000-rollout-{task}.out"
+    wait_for(lambda: (tmp_path / "paused").exists(), "the first run to reach its pause in shard 1", 480)
+    minutes = -(-(elapsed_seconds(slurm, task) + 30) // 60)  # 30-90 s left: fewer than the warning's 100
+    assert subprocess.run(["scontrol", "update", f"jobid={task}", f"TimeLimit={minutes}"], env=slurm).returncode == 0
     wait_for(lambda: log.is_file() and "requeueing" in log.read_text(), "the task to requeue itself", 300)
-    assert (tmp_path / "paused").exists()  # the first run reached its pause, which only a SIGTERM ends early
     wait_for(lambda: _sh(slurm, "squeue", "-h", "-j", task, "-o", "%T") == "PENDING", "the requeued task", 120)
     release_requeued(slurm, task, "TimeLimit=UNLIMITED")
     wait_until_gone(slurm, jobs, 900)
