@@ -19,6 +19,10 @@ Also measured:
   by a sitecustomize hook in the S3 side's processes; one count per request, botocore's own retries
   not counted), and summed by HTTP method. Per round =
   (calls of the N-round run - calls of a 1-round run) / (N - 1), so the start-up is left out.
+- which thread waited for those requests, and how long (the same hook: the thread that called
+  fsspec's `sync` goes with each request): the main thread's requests are on the persistent run's
+  critical path, a background thread's only where the main thread waits for it. Only the seconds
+  the S3 side ran count (a request in flight when its slice ended would count the local side's too).
 - shard write and read throughput: `storage.write_bytes`/`read_bytes` of the run's real shard
   bytes (and of a student's model.safetensors) on both, alternating local and S3 per repeat.
 - that both sides wrote identical students (the storage layer must not change the run).
@@ -64,10 +68,31 @@ sys.path.insert(0, str(REPO / "tests"))
 # operation and object kind, with the bytes sent (PUT bodies) and received (GET ContentLength).
 # Installed by an import hook so that processes that never touch s3fs (vLLM's engine) pay nothing.
 HOOK = textwrap.dedent('''
-    import atexit, importlib.abc, importlib.util, json, os, sys
+    import atexit, contextvars, importlib.abc, importlib.util, json, os, sys, threading, time
 
     _OUT = os.environ.get("EOPD_BENCH_REQUESTS")
     _COUNTS = {}
+    _TIMES = []  # [thread, "op kind", start, end] (wall clock) of every request: which thread waited for which
+    _THREAD = contextvars.ContextVar("eopd_bench_thread", default="?")
+
+    def _thread_name():
+        # without the round or the pool index: eopd-rollout-round-3 -> eopd-rollout
+        return threading.current_thread().name.split("-round-")[0].split("_")[0]
+
+    def _patch_sync():
+        # A request runs on fsspec's event-loop thread; the thread that waits for it is the one that
+        # called `sync`: its name goes with the coroutine.
+        import fsspec.asyn as fa
+        orig = fa.sync
+
+        def sync(loop, func, *args, timeout=None, **kwargs):
+            name = _thread_name()
+
+            async def run():
+                _THREAD.set(name)
+                return await func(*args, **kwargs)
+            return orig(loop, run, timeout=timeout)
+        fa.sync = sync
 
     def _kind(key):
         if key is None:
@@ -101,7 +126,11 @@ HOOK = textwrap.dedent('''
             body = kw.get("Body")
             if isinstance(body, (bytes, bytearray, memoryview)):
                 rec[1] += len(body)
-            out = await orig(self, method, *args, **kwargs)
+            t0 = time.time()
+            try:
+                out = await orig(self, method, *args, **kwargs)
+            finally:
+                _TIMES.append([_THREAD.get(), key, t0, time.time()])
             if op == "get_object" and isinstance(out, dict):
                 rec[2] += int(out.get("ContentLength") or 0)
             return out
@@ -117,6 +146,7 @@ HOOK = textwrap.dedent('''
             if name != "s3fs.core":
                 return None
             sys.meta_path.remove(self)
+            _patch_sync()  # before s3fs.core imports `sync` by name
             spec = importlib.util.find_spec(name)
             run = spec.loader.exec_module
 
@@ -129,7 +159,7 @@ HOOK = textwrap.dedent('''
     def _dump():
         if _COUNTS:
             with open(_OUT, "a") as f:
-                f.write(json.dumps({"pid": os.getpid(), "requests": _COUNTS}) + "\\n")
+                f.write(json.dumps({"pid": os.getpid(), "requests": _COUNTS, "times": _TIMES}) + "\\n")
 
     if _OUT:
         sys.meta_path.insert(0, _Finder())
@@ -260,6 +290,20 @@ def sum_jsonl(path: Path, field: str) -> dict:
     return total
 
 
+def waits(path: Path, side: Side | None = None) -> dict[str, list[float]]:
+    """"thread op kind" -> [requests, seconds waited] of the request hook's records; with `side`, only
+    the seconds that side ran (a request in flight when its slice ended would count the other's too)."""
+    out: dict[str, list[float]] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        for thread, key, t0, t1 in json.loads(line).get("times", []):
+            rec = out.setdefault(f"{thread} {key}", [0, 0.0])
+            rec[0] += 1
+            rec[1] += side.active(t1) - side.active(t0) if side is not None else t1 - t0
+    return out
+
+
 def per_round(full: dict, base: dict, rounds: int) -> dict:
     out = {}
     for k in sorted(set(full) | set(base)):
@@ -291,6 +335,27 @@ def by_method(reqs: dict) -> dict[str, list[float]]:
 
 def method_line(reqs: dict) -> str:
     return ", ".join(f"{m} {v[0]:.1f}" for m, v in by_method(reqs).items())
+
+
+def print_waits(waited: dict) -> None:
+    """Seconds per round that each thread waited for S3 requests (the request hook), by object kind:
+    the main thread's are on the persistent run's critical path, a background thread's only where
+    the main thread waits for it (the rollout thread while the teacher follows it, the shard writer).
+    Requests sent at once (a directory's files) each count in full: their sum exceeds the wait."""
+    threads: dict[str, dict[str, list[float]]] = {}
+    for key, (n, s) in waited.items():
+        thread, op, kind = key.split(" ")
+        t = threads.setdefault(thread, {})
+        rec = t.setdefault(kind, [0.0, 0.0, {}])
+        rec[0] += n
+        rec[1] += s
+        rec[2][op] = rec[2].get(op, 0) + n
+    print("seconds per round waiting for S3 requests, by thread and object (requests, s; by operation):")
+    for thread, kinds in sorted(threads.items(), key=lambda kv: -sum(v[1] for v in kv[1].values())):
+        print(f"  {thread}: {sum(v[1] for v in kinds.values()):.3f} s in {sum(v[0] for v in kinds.values()):.1f} requests")
+        for kind, (n, s, ops) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
+            detail = ", ".join(f"{op} {c:.1f}" for op, c in sorted(ops.items(), key=lambda kv: -kv[1]) if abs(c) > 0.05)
+            print(f"    {kind:16s} {n:6.1f} {s:7.3f}   {detail}")
 
 
 def throughput(roots: dict, blobs: dict[str, list[bytes]], repeats: int) -> dict:
@@ -502,6 +567,8 @@ def main() -> None:
                               args.rounds)
             reqs = per_round(sum_jsonl(tmp / "requests-full.jsonl", "requests"),
                              sum_jsonl(tmp / "requests-1round.jsonl", "requests"), args.rounds)
+            waited = per_round(waits(tmp / "requests-full.jsonl", sides[0]), waits(tmp / "requests-1round.jsonl"),
+                               args.rounds)
             fixed_calls = sum(sum_jsonl(tmp / "calls-1round.jsonl", "calls").values())
             manifests = manifest_sizes(url, args.rounds)
         finally:
@@ -540,6 +607,7 @@ def main() -> None:
     print(f"  {'total':34s} {sum(v[0] for v in reqs.values()):8.1f} {sum(v[1] for v in reqs.values()) / 1e3:9.1f} "
           f"{sum(v[2] for v in reqs.values()) / 1e3:9.1f}")
     print(f"S3 requests per round by method: {method_line(reqs)}")
+    print_waits(waited)
     for stage, m in manifests.items():
         print(f"{stage}/manifest.json: {statistics.mean(m['shards']):.1f} shards per round, "
               f"{statistics.mean(m['bytes']) / 1e3:.1f} kB at the end of a round")
@@ -547,7 +615,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"rounds": args.rounds, "slice_s": args.slice, "walls": walls, "totals": totals,
                                          "students_identical": same, "throughput": tput, "calls_per_round": calls,
                                          "requests_per_round": reqs, "fixed_calls": fixed_calls,
-                                         "manifests": manifests}, indent=1))
+                                         "manifests": manifests, "request_waits_per_round": waited}, indent=1))
 
 
 if __name__ == "__main__":

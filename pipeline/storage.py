@@ -703,6 +703,31 @@ def _etag_and_body(p: Location) -> tuple[str | None, bytes | None]:
         return None, None
 
 
+_UPDATES: dict[str, int] = {}  # per path: how many `update`s this process has made
+_UPDATED = threading.Condition()
+
+
+def updates(p: Location) -> int:
+    """How many `update`s of `p` this process has made so far (see `wait_for_update`)."""
+    with _UPDATED:
+        return _UPDATES.get(str(p), 0)
+
+
+def wait_for_update(p: Location, seen: int, timeout: float) -> int:
+    """Wait until this process has made more than `seen` updates of `p` (another of its threads
+    recorded something there), or `timeout` seconds; returns `updates(p)`. A thread that polls an
+    object this process also writes is then woken at once, not at its next poll."""
+    with _UPDATED:
+        _UPDATED.wait_for(lambda: _UPDATES.get(str(p), 0) > seen, timeout)
+        return _UPDATES.get(str(p), 0)
+
+
+def _updated(p: Location) -> None:
+    with _UPDATED:
+        _UPDATES[str(p)] = _UPDATES.get(str(p), 0) + 1
+        _UPDATED.notify_all()
+
+
 def update(p: Location, change: Callable[[bytes | None], bytes | None], lock_dir: Location | None = None) -> bytes | None:
     """Read-modify-write of one small object that no concurrent update can lose.
 
@@ -721,20 +746,32 @@ def update(p: Location, change: Callable[[bytes | None], bytes | None], lock_dir
                 if new is None:
                     return old
                 write_bytes(p, new)
-                return new
         except OSError as e:
             raise store_error(p, "update", e) from None
+    else:
+        new, _ = _compare_and_swap(p, change)
+    _updated(p)
+    return new
+
+
+def _compare_and_swap(p: Location, change: Callable[[bytes | None], bytes | None],
+                      known: tuple[str, bytes] | None = None) -> tuple[bytes | None, str | None]:
+    """`update` on a bucket: (what the object holds afterwards, its version token where the store
+    named it). `known`: (token, bytes) this process last wrote there, tried before any GET; a stale
+    one only costs the failed conditional PUT."""
     delay = 0.02
     for _ in range(200):
-        with errors(p, "read"):
-            etag, old = _etag_and_body(p)
+        if known is not None:
+            (etag, old), known = known, None
+        else:
+            with errors(p, "read"):
+                etag, old = _etag_and_body(p)
         new = change(old)
         if new is None:
-            return old
+            return old, etag
         try:
             with errors(p, "update"):
-                _put_if(p, new, etag)
-            return new
+                return new, _put_if(p, new, etag)
         except Exception as e:
             if not _precondition_failed(e):
                 raise
@@ -755,6 +792,126 @@ def append_text(p: Location, text: str) -> None:
             raise store_error(p, "append to", e) from None
         return
     update(p, lambda old: (old or b"") + text.encode())
+
+
+APPEND_ENV = "EOPD_APPEND_SECONDS"  # how often a bucket Appender writes its queued lines, unless flushed
+_APPEND_DEFAULT = 2.0
+
+
+class Appender:
+    """A log that one process appends lines to (a round's train/metrics.jsonl, under its training
+    claim), started as `text` (what a resumed run keeps of it; written now).
+
+    Locally each line is appended at once, as `append_text`. On a bucket an append is a rewrite of
+    the whole object (a GET and a conditional PUT, ~10 ms even on loopback), so the caller's
+    thread only queues its line: a background thread writes what is queued at most every
+    EOPD_APPEND_SECONDS (default 2; `status` sees a line that much later), with a conditional PUT
+    on the version it wrote last (no GET; another writer in between makes it read and retry,
+    losing no line). `flush()` returns once every queued line is in the store: callers flush before
+    anything that assumes the lines are there (a checkpoint, from which a resumed run keeps the
+    lines up to its step), and a kill loses only lines after the last flush."""
+
+    def __init__(self, p: Location, text: str = "") -> None:
+        self.path = p
+        self._thread: threading.Thread | None = None
+        remove_stale_tmp(p)  # left by a writer that was killed
+        if not is_remote(p):
+            write_text(p, text)
+            return
+        try:
+            self.interval = float(os.environ.get(APPEND_ENV, _APPEND_DEFAULT))
+        except ValueError:
+            raise UserError(f"{APPEND_ENV}={os.environ[APPEND_ENV]!r} is not a number of seconds") from None
+        data = text.encode()
+        fs, path = _fs(p)
+        with errors(p, "write"):
+            out = fs.pipe_file(path, data)
+        # S3 names the new version in the answer; otherwise the first write reads it (one GET)
+        token = out.get("ETag") if isinstance(out, dict) else None
+        self._known: tuple[str, bytes] | None = (token, data) if token else None
+        self._queued: list[str] = []
+        self._writing = False
+        self._flushes = 0  # callers waiting in flush(): write now
+        self._closed = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="eopd-appender", daemon=True)
+        self._thread.start()
+
+    def write(self, text: str) -> None:
+        if self._thread is None:
+            append_text(self.path, text)
+            return
+        with self._cond:
+            self._raise_error()
+            self._queued.append(text)
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every line written so far is in the store; raises the store's error, if any."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._flushes += 1
+            self._cond.notify_all()
+            try:
+                while (self._queued or self._writing) and self._error is None and self._thread.is_alive():
+                    self._cond.wait(1.0)
+            finally:
+                self._flushes -= 1
+            self._raise_error()
+
+    def close(self) -> None:
+        """Flush, then end the writer thread."""
+        if self._thread is None:
+            return
+        try:
+            self.flush()
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._thread.join(timeout=60)
+
+    def __enter__(self) -> "Appender":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # the error that ends the block is the one to report
+            self.close()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error if isinstance(self._error, UserError) else store_error(self.path, "append to", self._error)
+
+    def _run(self) -> None:
+        last = time.monotonic()  # the start was a write
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    if self._queued and (self._flushes or self._closed or now >= last + self.interval):
+                        break
+                    if self._closed:
+                        return
+                    self._cond.wait(last + self.interval - now if self._queued else None)
+                text, self._queued, self._writing = "".join(self._queued), [], True
+            try:
+                new = text.encode()
+                body, token = _compare_and_swap(self.path, lambda old: (old or b"") + new, self._known)
+                self._known = (token, body) if token is not None and body is not None else None
+            except BaseException as e:  # noqa: BLE001 -- handed to the caller's next write or flush
+                with self._cond:
+                    self._error, self._writing = e, False
+                    self._cond.notify_all()
+                return
+            last = time.monotonic()
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
 
 
 def remove(p: Location) -> None:
@@ -805,10 +962,13 @@ def mkdir(p: Location) -> None:
 # ----------------------------------------------------------------------------- directories (models, checkpoints)
 
 
-def upload_tree(local: Path, dest: Location, last: str, doing: str = "write") -> None:
+def upload_tree(local: Path, dest: Location, last: str, doing: str = "write", cache: bool = False) -> None:
     """Make directory `dest` hold the files of `local`, with `last` (a completion file: config.json,
     COMPLETE) written after all others, so `dest/last` exists only once `dest` is whole. Locally
-    `local` must be a sibling of `dest` (same filesystem): it is renamed into place."""
+    `local` must be a sibling of `dest` (same filesystem): it is renamed into place.
+    `cache` (a bucket): `local` then becomes the verified local copy that `local_tree(dest)` gives,
+    as if downloaded (one listing instead of the download: the persistent run samples from the
+    student it has just uploaded); it must lie in `cache_root()` (`scratch_dir` is there)."""
     if not is_remote(dest):
         try:
             if dest.exists():
@@ -819,12 +979,50 @@ def upload_tree(local: Path, dest: Location, last: str, doing: str = "write") ->
             raise store_error(dest, doing, e) from None
         return
     fs, path = _fs(dest)
-    files = sorted(f for f in local.rglob("*") if f.is_file())
-    with errors(dest, doing):
-        if fs.exists(f"{path}/{last}"):  # an older complete copy: it stops being complete first
+    files = {f.relative_to(local).as_posix(): str(f) for f in local.rglob("*") if f.is_file()}
+    if is_file(dest / last):  # an older complete copy: it stops being complete first
+        with errors(dest, doing):
             fs.rm_file(f"{path}/{last}")
-        for f in sorted(files, key=lambda f: f.relative_to(local).as_posix() == last):
-            fs.put_file(str(f), f"{path}/{f.relative_to(local).as_posix()}")
+    rest = sorted(rel for rel in files if rel != last)
+    with errors(dest, doing):
+        if rest:  # at once (fsspec uploads a list of files concurrently): only `last` must come after them
+            fs.put([files[rel] for rel in rest], [f"{path}/{rel}" for rel in rest])
+        if last in files:
+            fs.put_file(files[last], f"{path}/{last}")
+    if cache:
+        _adopt_into_cache(local, dest)
+
+
+def _tree_entries(src: Location) -> tuple[list[tuple[str, int, str, str | None]], Path]:
+    """(relative name, size, version token, MD5 or None) of every object under directory `src`, and
+    the cache directory that holds exactly these versions (`local_tree`)."""
+    fs, path = _fs(src)
+    listing = fs.find(path, detail=True)
+    store = _store(src)
+    entries = sorted((k[len(path) + 1:], int(v["size"]), *store.listed(v)) for k, v in listing.items())
+    digest = hashlib.sha256(json.dumps([str(src), [e[:3] for e in entries]]).encode()).hexdigest()[:20]
+    return entries, cache_root() / "objects" / digest
+
+
+def _matches(f: Path, nbytes: int, md5: str | None) -> bool:
+    return f.stat().st_size == nbytes and (not md5 or hashlib.md5(f.read_bytes()).hexdigest() == md5)
+
+
+def _adopt_into_cache(local: Path, src: Location) -> None:
+    """Move `local` into the cache as the copy of `src`, if the objects listed under `src` are
+    exactly its files (names, sizes, MD5 where the store gives one: the checks of a download).
+    Otherwise (another writer in between) nothing is adopted; `local_tree` then downloads."""
+    with errors(src, "list"):
+        entries, out = _tree_entries(src)
+    mine = {f.relative_to(local).as_posix(): f for f in local.rglob("*") if f.is_file()}
+    if sorted(mine) != [e[0] for e in entries] or (out / ".eopd-complete").is_file():
+        return
+    if not all(_matches(mine[rel], nbytes, md5) for rel, nbytes, _, md5 in entries):
+        return
+    (local / ".eopd-complete").write_text("ok")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # another process made the same copy first
+        os.replace(local, out)
 
 
 def scratch_dir(dest: Location, label: str) -> Path:
@@ -855,13 +1053,9 @@ def local_tree(src: Location, what: str = "directory") -> Path:
         return src
     fs, path = _fs(src)
     with errors(src, f"read the {what}"):
-        listing = fs.find(path, detail=True)
-    if not listing:
+        entries, out = _tree_entries(src)
+    if not entries:
         raise UserError(f"{what} {src} does not exist (no objects under that prefix); check the URL")
-    store = _store(src)
-    entries = sorted((k[len(path) + 1:], int(v["size"]), *store.listed(v)) for k, v in listing.items())
-    digest = hashlib.sha256(json.dumps([str(src), [e[:3] for e in entries]]).encode()).hexdigest()[:20]
-    out = cache_root() / "objects" / digest
     if (out / ".eopd-complete").is_file():
         return out
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
@@ -872,7 +1066,7 @@ def local_tree(src: Location, what: str = "directory") -> Path:
                 target = tmp / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(f"{path}/{rel}", str(target))
-                if target.stat().st_size != nbytes or (md5 and hashlib.md5(target.read_bytes()).hexdigest() != md5):
+                if not _matches(target, nbytes, md5):
                     raise UserError(f"{src}/{rel}: the download does not match the object (size or MD5); run again")
         (tmp / ".eopd-complete").write_text("ok")
         try:

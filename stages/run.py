@@ -64,6 +64,7 @@ from pipeline.progress import stage_output_to_log
 from pipeline.rundir import RunDir, freeze_config
 from pipeline.shards import Manifest
 from pipeline.signals import PREEMPTION
+from pipeline.work import Follow
 
 
 def _die_with_parent() -> None:
@@ -130,8 +131,11 @@ class Roles:
         self.run, self.cfg = run, cfg
         self._sampler = self._teacher = self._trainer = None
 
-    def sampler(self, policy: Path):
+    def sampler(self, policy: Path | Callable[[], Path]):
+        """`policy`: the model to start the engine from, or a function giving it (asked only when the
+        engine is started: on a bucket, finding a round's policy is a request)."""
         if self._sampler is None:
+            policy = policy() if callable(policy) else policy
             from pipeline.sampler import Sampler
             from pipeline.work import derive_seed
 
@@ -208,16 +212,18 @@ def run_rounds_persistent(run: RunDir, cfg: Config, watch: "Watch | None" = None
                 watch.end_round(r, health.after_round(r), ran, roles)
                 continue
             rollouts_done = Manifest(run.stage_dir(r, "rollouts")).is_complete()
+            teacher_done = False  # known complete (each check is a request or two on a bucket)
             if not rollouts_done and cfg.score_teacher.overlap_rollouts \
                     and not Manifest(run.stage_dir(r, "teacher")).is_complete():
                 rollouts_and_teacher_overlapped(run, cfg, r, roles)
+                teacher_done = True
             elif not rollouts_done:
-                summary = run_rollout(run, cfg, r, sampler=roles.sampler(run.policy_for_round(cfg, r)))
+                summary = run_rollout(run, cfg, r, sampler=roles.sampler(lambda: run.policy_for_round(cfg, r)))
                 _require_complete(summary, "rollout", r)
-            if not Manifest(run.stage_dir(r, "teacher")).is_complete():
+            if not teacher_done and not Manifest(run.stage_dir(r, "teacher")).is_complete():
                 summary = run_score_teacher(run, cfg, r, teacher=roles.teacher())
                 _require_complete(summary, "score-teacher", r)
-            if not run.student_done(r):
+            if ran:  # (train_round looks again: another process may have trained it meanwhile)
                 roles.trainer().train_round(r)
             watch.end_round(r, health.after_round(r), ran, roles)
         watch.curve_point(roles, "teacher")
@@ -235,16 +241,15 @@ def rollouts_and_teacher_overlapped(run: RunDir, cfg: Config, r: int, roles: Rol
     also ended vLLM's engine, which ends its wait at once; otherwise the shard being generated is
     finished first (the engine is closed only once no thread uses it). Either way the run directory
     holds what a kill at that point would leave."""
-    from pipeline.work import Follow
     from stages.rollout import run_rollout
     from stages.score_teacher import run_score_teacher
 
-    sampler, stop = roles.sampler(run.policy_for_round(cfg, r)), threading.Event()
+    sampler, stop = roles.sampler(lambda: run.policy_for_round(cfg, r)), threading.Event()
     rollouts = StageThread(lambda: run_rollout(run, cfg, r, sampler=sampler, stop=stop), "rollout", r)
     try:
         teacher = roles.teacher()  # round 0: loaded while the first shards are sampled
         summary = run_score_teacher(run, cfg, r, teacher=teacher,
-                                    follow=Follow(run.stage_dir(r, "rollouts"), rollouts.check))
+                                    follow=InProcessFollow(run.stage_dir(r, "rollouts"), rollouts.check))
         _require_complete(summary, "score-teacher", r)
         rollouts.join()
         rollouts.check()
@@ -265,17 +270,16 @@ def round_streamed(run: RunDir, cfg: Config, r: int, roles: Roles) -> None:
     are those of the same config run stage after stage. This thread alone sees SIGTERM: the trainer
     checkpoints at its next step boundary (or while it waits for a shard), then the threads are
     stopped before their next shard and waited for, as in `rollouts_and_teacher_overlapped`."""
-    from pipeline.work import Follow
     from stages.rollout import run_rollout
     from stages.score_teacher import run_score_teacher
 
     stop, threads, follow_rollouts = threading.Event(), [], None
     if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
-        sampler = roles.sampler(run.policy_for_round(cfg, r))
+        sampler = roles.sampler(lambda: run.policy_for_round(cfg, r))
         if cfg.score_teacher.overlap_rollouts:
             rollouts = StageThread(lambda: run_rollout(run, cfg, r, sampler=sampler, stop=stop), "rollout", r)
             threads.append(rollouts)
-            follow_rollouts = Follow(run.stage_dir(r, "rollouts"), rollouts.check)
+            follow_rollouts = InProcessFollow(run.stage_dir(r, "rollouts"), rollouts.check)
         else:
             _require_complete(run_rollout(run, cfg, r, sampler=sampler), "rollout", r)
     try:
@@ -291,7 +295,7 @@ def round_streamed(run: RunDir, cfg: Config, r: int, roles: Roles) -> None:
         def upstream_ok() -> None:  # polled by the trainer while it waits for a teacher shard
             PREEMPTION.check()
             teacher.check()
-        trainer.train_round(r, follow=Follow(run.stage_dir(r, "teacher"), upstream_ok))
+        trainer.train_round(r, follow=InProcessFollow(run.stage_dir(r, "teacher"), upstream_ok))
         for thread in threads:
             thread.join()
             thread.check()
@@ -305,6 +309,22 @@ def round_streamed(run: RunDir, cfg: Config, r: int, roles: Roles) -> None:
                             err=True)
                 for t in threads:
                     t.join()
+
+
+class InProcessFollow(Follow):
+    """`Follow` of a stage that a thread of this process writes: woken as soon as that thread
+    updates the manifest, not at the next poll (every 0.25 s on a bucket: the persistent run's next
+    stage would wait for it every round). Still polls for a writer elsewhere (another worker of
+    the stage), on a bucket every second."""
+
+    def __init__(self, stage_dir, check: Callable[[], None]) -> None:
+        # the writer here wakes it: a poll only for a writer elsewhere, less often on a bucket (billed)
+        super().__init__(stage_dir, check, 1.0 if storage.is_remote(stage_dir) else None)
+        self._seen = storage.updates(self.manifest.path)
+
+    def _pause(self) -> None:
+        self.check()
+        self._seen = storage.wait_for_update(self.manifest.path, self._seen, self.poll_seconds)
 
 
 class StageThread(threading.Thread):
@@ -394,7 +414,8 @@ def run_all(run: RunDir, cfg: Config, allow_config_change: bool = False, per_sta
                     watch.say("note: eval.every_rounds (the learning curve) is drawn by the persistent `run` only; "
                               "with --per-stage-processes evaluate a round with `eopd-pipe eval RUN_DIR --model round-N`")
                 health = HealthWatch(run, watch.say)
-                for r in range(cfg.rounds):
+                # (after the persistent run every round is done: nothing to look up, a request each on a bucket)
+                for r in range(0 if persistent else cfg.rounds):
                     ran = not run.student_done(r)
                     if ran:
                         watch.start_round(r)

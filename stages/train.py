@@ -36,7 +36,7 @@ from pipeline import storage
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import Preempted, UserError
 from pipeline.models import check_model_dir, length_sorted_batches, load_tokenizer, response_hidden_states
-from pipeline.rundir import RunDir, atomic_write_text, freeze_config
+from pipeline.rundir import RunDir, freeze_config
 from pipeline.signals import PREEMPTION
 from pipeline.teacher_data import RoundRows, TeacherStream
 from pipeline.training import (CHECKPOINT_DONE, DeepSpeedEngine, TorchEngine, all_reduce_sum, barrier,
@@ -249,7 +249,8 @@ def write_student(model, tokenizer_dir: Path, out) -> None:
             load_tokenizer(tokenizer_dir).save_pretrained(tmp)
         except (OSError, RuntimeError) as e:
             raise _save_failed(out, e) from None
-        storage.upload_tree(tmp, out, last="config.json", doing="write the student")
+        # cache: the next round's sampler (the persistent run's rollout engine) reads this copy, not a download
+        storage.upload_tree(tmp, out, last="config.json", doing="write the student", cache=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -390,11 +391,17 @@ class Trainer:
         offset = len(steps) * r
         train_dir = self.run.stage_dir(r, "train")
         ckpt_dir, metrics_path = train_dir / "checkpoints", train_dir / "metrics.jsonl"
+        metrics_log = None
         if rank == 0:
             _hold_train_lock(train_dir)
-            keep = [l for l in (storage.read_text(metrics_path).splitlines() if storage.is_file(metrics_path) else [])
-                    if json.loads(l)["step"] <= start]
-            atomic_write_text(metrics_path, "".join(l + "\n" for l in keep))  # steps after the checkpoint are redone
+            try:
+                logged = storage.read_text(metrics_path).splitlines()
+            except FileNotFoundError:
+                logged = []
+            keep = [l for l in logged if json.loads(l)["step"] <= start]
+            # steps after the checkpoint are redone; on a bucket the lines are written in the background,
+            # flushed before each checkpoint (which a resumed run keeps the lines up to)
+            metrics_log = storage.Appender(metrics_path, "".join(l + "\n" for l in keep))
             tqdm.write(f"train round {r}: {sum(source.rows_per_shard)} responses, {len(steps)} steps, objective {tc.objective}; "
                        f"{NORMALISATION}" + (f"; resuming after step {start}" if start else ""))
         tb = _tensorboard(train_dir) if (tc.tensorboard and rank == 0) else None
@@ -404,7 +411,8 @@ class Trainer:
         metrics, engine_seconds, probe_seconds = None, 0.0, 0.0
         bar = tqdm(total=len(steps), initial=start, desc=f"train round {r}", unit="step", disable=rank != 0)
         # A SIGTERM waits for the step boundary below: checkpoint, then stop.
-        with PREEMPTION.deferred(), contextlib.closing(bar):  # the bar ends its line, also on an error
+        # The bar ends its line, also on an error; the metrics log writes its last lines.
+        with PREEMPTION.deferred(), contextlib.closing(bar), metrics_log or contextlib.nullcontext():
             saved = start
             for s in range(start, len(steps)):
                 if streamed:
@@ -413,6 +421,8 @@ class Trainer:
                         PREEMPTION.check()  # told to stop while waiting, whether or not the shard came meanwhile
                     except Preempted:  # told to stop while waiting for a shard: keep the steps taken
                         if s > saved:
+                            if metrics_log is not None:
+                                metrics_log.flush()  # a resumed run keeps the lines up to the checkpoint's step
                             save_checkpoint(engine, ckpt_dir, s, {"step": s, "probe_topk": probe_prev}, rank,
                                             tc.keep_checkpoints)
                         raise
@@ -432,7 +442,7 @@ class Trainer:
                            "grad_norm": grad_norm, **summarize_stats(stats), "top10_change": change,
                            "tokens": int(stats["tokens"]), "tokens_per_s": stats["tokens"] / elapsed}
                 if rank == 0:
-                    storage.append_text(metrics_path, json.dumps(metrics) + "\n")
+                    metrics_log.write(json.dumps(metrics) + "\n")
                     if tb is not None:
                         for k, v in metrics.items():
                             tb.add_scalar(f"train/{k}", v, offset + s + 1)
@@ -442,6 +452,8 @@ class Trainer:
                 test_pause("train_step", s + 1)
                 preempt = all_reduce_sum([float(PREEMPTION.requested)])[0] > 0  # any rank told to stop: all stop here
                 if (s + 1) % tc.checkpoint_every == 0 or preempt or s + 1 == len(steps):
+                    if metrics_log is not None:
+                        metrics_log.flush()  # a resumed run keeps the lines up to the checkpoint's step
                     save_checkpoint(engine, ckpt_dir, s + 1, {"step": s + 1, "probe_topk": probe_prev}, rank,
                                     tc.keep_checkpoints)
                     saved = s + 1

@@ -77,6 +77,54 @@ def test_update_loses_no_write(where):
     assert sorted(lines) == sorted(f"{i}-{j}" for i in range(6) for j in range(5))
 
 
+def test_appender_writes_in_the_background_and_loses_no_line(where, monkeypatch):
+    """A training's metrics log (storage.Appender): on a bucket its lines wait in this process until
+    a flush (or EOPD_APPEND_SECONDS, here longer than the test), then go out in one conditional PUT;
+    another writer in between (whose version the appender did not write) loses no line of either."""
+    from pipeline import storage
+
+    monkeypatch.setenv(storage.APPEND_ENV, "600")
+    p = where / "train" / "metrics.jsonl"
+    storage.write_text(p, "old\n")
+    with storage.Appender(p, "kept\n") as log:
+        assert storage.read_text(p) == "kept\n"  # started as what a resumed run keeps
+        log.write("1\n")
+        assert storage.read_text(p) == ("kept\n" if storage.is_remote(p) else "kept\n1\n")
+        storage.append_text(p, "other\n")
+        log.write("2\n")
+        log.flush()
+        want = ["kept", "other", "1", "2"] if storage.is_remote(p) else ["kept", "1", "other", "2"]
+        assert storage.read_text(p).splitlines() == want
+        log.write("3\n")
+    assert storage.read_text(p).splitlines() == want + ["3"]  # closing flushes
+
+
+def test_uploaded_student_is_the_cached_copy(s3, tmp_path, monkeypatch):
+    """upload_tree(cache=True): the directory just uploaded becomes the verified local copy that
+    local_tree gives (the same files, moved: nothing downloaded); a directory whose objects differ
+    from it (another writer's) is downloaded as before."""
+    from pipeline import storage
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    dest = storage.location(f"s3://{s3.bucket()}/run/round-0000/student")
+    src = storage.scratch_dir(dest, "student")
+    (src / "model.safetensors").write_bytes(os.urandom(300_000))
+    (src / "config.json").write_text("{}")
+    inode = (src / "model.safetensors").stat().st_ino
+    storage.upload_tree(src, dest, last="config.json", cache=True)
+    got = storage.local_tree(dest)
+    assert not src.exists() and (got / "model.safetensors").stat().st_ino == inode
+    assert storage.read_bytes(dest / "model.safetensors") == (got / "model.safetensors").read_bytes()
+    src = storage.scratch_dir(dest, "student")
+    (src / "config.json").write_text('{"a": 1}')
+    storage.write_bytes(dest / "extra.txt", b"not in the local copy")
+    storage.upload_tree(src, dest, last="config.json", cache=True)
+    assert src.exists()  # not adopted: the bucket holds more than it
+    again = storage.local_tree(dest)
+    assert again != got and (again / "extra.txt").read_bytes() == b"not in the local copy"
+    assert (again / "config.json").read_text() == '{"a": 1}'
+
+
 def test_claims_are_exclusive_and_released(where):
     from pipeline import storage
 
@@ -474,6 +522,36 @@ def test_run_on_a_bucket_persistent_and_per_stage_processes_killed_at_random(s3,
     assert not [t for t in done if runs.get(t["pid"]) == "per-stage"], done  # never in the `run` process
     assert {t["stage"] for t in done if t["pid"] not in runs} >= {"rollouts", "train"}, done
     assert grown == {"rollouts", "teacher", "student"}, grown
+
+
+@pytest.mark.slow
+def test_run_on_a_bucket_killed_after_a_checkpoint_keeps_its_metrics(s3, local_ref, tmp_path, monkeypatch):
+    """The persistent `run` on s3:// writes metrics.jsonl in the background (storage.Appender; here
+    only at flushes); killed with SIGKILL after round 0's step-1 checkpoint, its resumed run keeps the
+    lines up to that checkpoint: one line per step, rows, students and losses equal to the local
+    run. Each student it wrote became its local cached copy (the next round samples from it without
+    downloading it): the last round's student too, which nothing reads."""
+    from pipeline import storage
+
+    cfg, ref = local_ref
+    url = f"s3://{s3.bucket()}/runs/metrics"
+    root = storage.location(url)
+    cache = tmp_path / "cache"
+    env = {storage.APPEND_ENV: "600", storage.CACHE_ENV: str(cache)}
+    monkeypatch.setenv(storage.CACHE_ENV, str(cache))  # this process's local_tree looks there too
+    proc = spawn_cli("run", url, "--config", cfg, env={**env, "EOPD_TEST_PAUSE": "train_step:2"})
+    wait_for_line(proc, "EOPD_TEST_PAUSE reached train_step:2")
+    kill_group(proc, signal.SIGKILL)
+    assert storage.is_file(root / "round-0000" / "train" / "checkpoints" / "step-000001" / "COMPLETE")
+    res = run_cli("run", url, "--config", cfg, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _same_run(root, ref)
+    for r in range(3):
+        student = root / f"round-{r:04d}" / "student"
+        copy = storage.local_tree(student)
+        assert copy.parent == cache / "objects"
+        assert (copy / "model.safetensors").read_bytes() == storage.read_bytes(student / "model.safetensors")
+    assert len(list((cache / "objects").iterdir())) == 3 + 1  # the students, and the checkpoint resumed from
 
 
 @pytest.mark.slow
