@@ -248,7 +248,11 @@ class Manifest:
             raise
 
     def is_complete(self) -> bool:
-        return self.exists() and bool(self.read().get("complete"))
+        try:  # one read, no look-up first: on a bucket a HEAD less per check
+            text = storage.read_text(self.path)
+        except FileNotFoundError:
+            return False
+        return bool(self._parse(text).get("complete"))
 
 
 class GrowingManifest(Manifest):
@@ -283,11 +287,12 @@ class GrowingManifest(Manifest):
 def require_complete(stage_dir: Location, what: str, fix: str) -> dict[str, Any]:
     """The manifest of a finished stage, or a UserError saying what is missing and how to finish it."""
     manifest = Manifest(stage_dir)
-    if not manifest.exists():
+    try:  # one read, no look-up first
+        data = manifest._parse(storage.read_text(manifest.path))
+    except FileNotFoundError:
         if shard_files(stage_dir):
-            raise UserError(missing_manifest_message(stage_dir))
-        raise UserError(f"no {what} at {stage_dir}; {fix}")
-    data = manifest.read()
+            raise UserError(missing_manifest_message(stage_dir)) from None
+        raise UserError(f"no {what} at {stage_dir}; {fix}") from None
     if not data.get("complete"):
         missing = data["num_shards"] - len(data["shards"])
         raise UserError(f"{what} at {stage_dir} are incomplete: {missing} of {data['num_shards']} shards missing; {fix}")
