@@ -169,11 +169,17 @@ class Manifest:
         return storage.is_file(self.path)
 
     def read(self) -> dict[str, Any]:
+        data = self.read_if_any()
+        if data is None:
+            raise UserError(missing_manifest_message(self.stage_dir))
+        return data
+
+    def read_if_any(self) -> dict[str, Any] | None:
+        """The manifest, or None where there is none: one read, no look-up first (on a bucket a HEAD less)."""
         try:
-            text = storage.read_text(self.path)
+            return self._parse(storage.read_text(self.path))
         except FileNotFoundError:
-            raise UserError(missing_manifest_message(self.stage_dir)) from None
-        return self._parse(text)
+            return None
 
     def _parse(self, text: str | bytes) -> dict[str, Any]:
         try:
@@ -248,11 +254,7 @@ class Manifest:
             raise
 
     def is_complete(self) -> bool:
-        try:  # one read, no look-up first: on a bucket a HEAD less per check
-            text = storage.read_text(self.path)
-        except FileNotFoundError:
-            return False
-        return bool(self._parse(text).get("complete"))
+        return bool((self.read_if_any() or {}).get("complete"))
 
 
 class GrowingManifest(Manifest):
@@ -286,13 +288,11 @@ class GrowingManifest(Manifest):
 
 def require_complete(stage_dir: Location, what: str, fix: str) -> dict[str, Any]:
     """The manifest of a finished stage, or a UserError saying what is missing and how to finish it."""
-    manifest = Manifest(stage_dir)
-    try:  # one read, no look-up first
-        data = manifest._parse(storage.read_text(manifest.path))
-    except FileNotFoundError:
+    data = Manifest(stage_dir).read_if_any()
+    if data is None:
         if shard_files(stage_dir):
-            raise UserError(missing_manifest_message(stage_dir)) from None
-        raise UserError(f"no {what} at {stage_dir}; {fix}") from None
+            raise UserError(missing_manifest_message(stage_dir))
+        raise UserError(f"no {what} at {stage_dir}; {fix}")
     if not data.get("complete"):
         missing = data["num_shards"] - len(data["shards"])
         raise UserError(f"{what} at {stage_dir} are incomplete: {missing} of {data['num_shards']} shards missing; {fix}")
