@@ -6,8 +6,8 @@ shard has one owner, with no coordination beyond the run directory. How a lost t
     runs the same command again; the stage redoes only the shards its records lack.
   - `--signal=B:TERM@120`: 120 s before the time limit the batch shell alone gets SIGTERM and
     passes it to the stage, which abandons (or finishes writing) its shard and exits 143; the script
-    then requeues its own task, which resumes from the records. The job still being RUNNING tells
-    this warning apart from Slurm's own requeue, a preemption or scancel, which leave it COMPLETING
+    then requeues its own task, which resumes from the records. The job still being RUNNING (or
+    SIGNALING: squeue's state while slurmctld delivers that signal, seen under load) tells this warning apart from Slurm's own requeue, a preemption or scancel, which leave it COMPLETING
     and have signalled the stage already.
   - `afterok`: round r's score-teacher starts once every rollout task of round r exited 0, and so
     on (rollout -> score-teacher -> train -> the next round's rollout); a requeued task keeps its
@@ -96,9 +96,10 @@ class SlurmExecutor(Executor):
             "  warned=1",
             "  local s; s=$(state)",
             '  echo "eopd-pipe: $(date -u +%FT%TZ) SIGTERM, job $s"',
-            "  # RUNNING: the time limit's warning (--signal=B:TERM), which reaches only this shell: pass it on to the",
-            "  # stage. Otherwise a requeue, preemption or scancel has signalled every process of the job, the stage too.",
-            '  case "$s" in RUNNING|UNKNOWN) kill -TERM "$stage" 2>/dev/null ;; esac',
+            "  # RUNNING (SIGNALING while slurmctld still delivers it; seen under load): the time limit's warning",
+            "  # (--signal=B:TERM), which reaches only this shell: pass it on to the stage. Otherwise a requeue,",
+            "  # preemption or scancel has signalled every process of the job, the stage too.",
+            '  case "$s" in RUNNING|SIGNALING|UNKNOWN) kill -TERM "$stage" 2>/dev/null ;; esac',
             "}",
             "warned= stage=",
             "trap on_term TERM",
@@ -108,7 +109,7 @@ class SlurmExecutor(Executor):
             '  wait "$stage"; code=$?',
             '  kill -0 "$stage" 2>/dev/null || break  # still there: the wait was cut short by the trap',
             "done",
-            'if [ "$code" != 0 ] && [ -n "$warned" ] && [ "$(state)" = RUNNING ]; then',
+            'if [ "$code" != 0 ] && [ -n "$warned" ] && case "$(state)" in RUNNING|SIGNALING) true ;; *) false ;; esac; then',
             "  # Stopped by the time limit's warning (exit 143; or killed by it before its handler was set up).",
             "  # Requeue this task: it resumes from the records.",
             '  echo "eopd-pipe: stopped before the time limit; requeueing ${SLURM_JOB_ID}"',
