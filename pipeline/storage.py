@@ -962,14 +962,19 @@ def mkdir(p: Location) -> None:
 # ----------------------------------------------------------------------------- directories (models, checkpoints)
 
 
-def upload_tree(local: Path, dest: Location, last: str, doing: str = "write", cache: bool = False) -> None:
+def upload_tree(local: Path, dest: Location, last: str, doing: str = "write", cache: bool = False,
+                before_last: Callable[[], object] | None = None) -> None:
     """Make directory `dest` hold the files of `local`, with `last` (a completion file: config.json,
     COMPLETE) written after all others, so `dest/last` exists only once `dest` is whole. Locally
     `local` must be a sibling of `dest` (same filesystem): it is renamed into place.
     `cache` (a bucket): `local` then becomes the verified local copy that `local_tree(dest)` gives,
     as if downloaded (one listing instead of the download: the persistent run samples from the
-    student it has just uploaded); it must lie in `cache_root()` (`scratch_dir` is there)."""
+    student it has just uploaded); it must lie in `cache_root()` (`scratch_dir` is there).
+    `before_last`: called (and its exception raised) before `dest` becomes complete: what must be
+    whole first (the round's checkpoint, uploading meanwhile) is waited for there."""
     if not is_remote(dest):
+        if before_last is not None:
+            before_last()
         try:
             if dest.exists():
                 shutil.rmtree(dest)
@@ -987,6 +992,9 @@ def upload_tree(local: Path, dest: Location, last: str, doing: str = "write", ca
     with errors(dest, doing):
         if rest:  # at once (fsspec uploads a list of files concurrently): only `last` must come after them
             fs.put([files[rel] for rel in rest], [f"{path}/{rel}" for rel in rest])
+    if before_last is not None:
+        before_last()
+    with errors(dest, doing):
         if last in files:
             fs.put_file(files[last], f"{path}/{last}")
     if cache:

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class TrainSummary:
     load_seconds: float = 0.0
     engine_seconds: float = 0.0  # forward, backward and optimiser step (bench/end_to_end.py)
     probe_seconds: float = 0.0  # the top-10 probe's forward (a metric, not training)
+    checkpoint: Future | None = None  # the round's last checkpoint while it uploads (write_student waits for it)
 
 
 def objective_config(tc: TrainConfig) -> ObjectiveConfig:
@@ -206,10 +208,14 @@ def _save_failed(where, e: BaseException) -> UserError:
                      f"permissions) and run the same command again: training resumes from the last complete checkpoint")
 
 
-def save_checkpoint(engine, ckpt_dir, step: int, client: dict, rank: int, keep: int) -> None:
+def save_checkpoint(engine, ckpt_dir, step: int, client: dict, rank: int, keep: int,
+                    background: bool = False) -> Future | None:
     """Collective. Written under a hidden name (locally) or in the local cache (bucket), marked
     COMPLETE, then renamed or uploaded with COMPLETE last: a kill at any point leaves either the
-    previous checkpoint or this one, never a half one that resume would pick."""
+    previous checkpoint or this one, never a half one that resume would pick.
+    `background` (rank 0, a bucket): the upload and the prune run in a thread; the returned future
+    ends with them (its `result()` raises what they raised). The round's last checkpoint goes so,
+    beside the student's upload, which waits for it before its own completion file."""
     final = ckpt_dir / checkpoint_name(step)
     tmp = _checkpoint_scratch(final)
     if rank == 0:
@@ -230,17 +236,29 @@ def save_checkpoint(engine, ckpt_dir, step: int, client: dict, rank: int, keep: 
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise _save_failed(final, e) from None
-        try:
-            storage.upload_tree(tmp, final, last=CHECKPOINT_DONE, doing="write the checkpoint")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        prune_checkpoints(ckpt_dir, keep)
+        def upload() -> None:
+            test_pause("checkpoint_upload", step)
+            try:
+                storage.upload_tree(tmp, final, last=CHECKPOINT_DONE, doing="write the checkpoint")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            prune_checkpoints(ckpt_dir, keep)
+
+        if background and storage.is_remote(final):
+            pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
+            pending = pool.submit(upload)
+            pool.shutdown(wait=False)  # the thread ends with the upload
+            barrier()
+            return pending
+        upload()
     barrier()
+    return None
 
 
-def write_student(model, tokenizer_dir: Path, out) -> None:
+def write_student(model, tokenizer_dir: Path, out, checkpoint: Future | None = None) -> None:
     """round-R/student/: saved into a scratch directory, then renamed into place (local) or uploaded
-    with config.json last (bucket), so `config.json` exists only in a whole student."""
+    with config.json last (bucket), so `config.json` exists only in a whole student; and only once
+    the round's last `checkpoint` (uploading meanwhile) is whole, which the next round resumes from."""
     storage.remove_stale_tmp(out)  # a predecessor killed while saving
     tmp = storage.scratch_dir(out, "student")
     try:
@@ -250,7 +268,8 @@ def write_student(model, tokenizer_dir: Path, out) -> None:
         except (OSError, RuntimeError) as e:
             raise _save_failed(out, e) from None
         # cache: the next round's sampler (the persistent run's rollout engine) reads this copy, not a download
-        storage.upload_tree(tmp, out, last="config.json", doing="write the student", cache=True)
+        storage.upload_tree(tmp, out, last="config.json", doing="write the student", cache=True,
+                            before_last=checkpoint.result if checkpoint is not None else None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -304,7 +323,8 @@ class Trainer:
         load_seconds = time.perf_counter() - t_load
         summary = self._steps(round_index, source, steps, start, probe_prev)
         if self.rank == 0:
-            write_student(self.engine.module, check_model_dir(self.cfg.student.path, "student"), out)
+            write_student(self.engine.module, check_model_dir(self.cfg.student.path, "student"), out,
+                          summary.checkpoint)
         barrier()
         self.holds_end_of, self._rng_at_end = round_index, rng_state()
         summary.load_seconds = load_seconds
@@ -409,6 +429,7 @@ class Trainer:
         rows = source.through(0 if streamed else len(source.rows_per_shard) - 1)
         probe = probe_rows(rows, tc.probe_tokens, source.rows_per_shard[0] if streamed else None)
         metrics, engine_seconds, probe_seconds = None, 0.0, 0.0
+        checkpoint: Future | None = None  # the round's last checkpoint, uploading (bucket)
         bar = tqdm(total=len(steps), initial=start, desc=f"train round {r}", unit="step", disable=rank != 0)
         # A SIGTERM waits for the step boundary below: checkpoint, then stop.
         # The bar ends its line, also on an error; the metrics log writes its last lines.
@@ -454,13 +475,15 @@ class Trainer:
                 if (s + 1) % tc.checkpoint_every == 0 or preempt or s + 1 == len(steps):
                     if metrics_log is not None:
                         metrics_log.flush()  # a resumed run keeps the lines up to the checkpoint's step
-                    save_checkpoint(engine, ckpt_dir, s + 1, {"step": s + 1, "probe_topk": probe_prev}, rank,
-                                    tc.keep_checkpoints)
+                    # the round's last one uploads beside the student (which waits for it); a stop waits here
+                    last = s + 1 == len(steps) and not preempt
+                    checkpoint = save_checkpoint(engine, ckpt_dir, s + 1, {"step": s + 1, "probe_topk": probe_prev},
+                                                 rank, tc.keep_checkpoints, background=last)
                     saved = s + 1
                 if preempt:
                     raise Preempted()
         return TrainSummary(self.run.student_dir(r), len(steps) - start, len(steps), start, metrics,
-                            engine_seconds=engine_seconds, probe_seconds=probe_seconds)
+                            engine_seconds=engine_seconds, probe_seconds=probe_seconds, checkpoint=checkpoint)
 
     def _step(self, rows: RoundRows, step: list, objective: ObjectiveConfig) -> tuple[dict, float, float]:
         """One optimiser step over `step` (ranks -> micro-batches -> rows): (summed stats, grad norm,

@@ -542,7 +542,23 @@ def test_run_on_a_bucket_killed_after_a_checkpoint_keeps_its_metrics(s3, local_r
     proc = spawn_cli("run", url, "--config", cfg, env={**env, "EOPD_TEST_PAUSE": "train_step:2"})
     wait_for_line(proc, "EOPD_TEST_PAUSE reached train_step:2")
     kill_group(proc, signal.SIGKILL)
-    assert storage.is_file(root / "round-0000" / "train" / "checkpoints" / "step-000001" / "COMPLETE")
+    checkpoints = root / "round-0000" / "train" / "checkpoints"
+    assert storage.is_file(checkpoints / "step-000001" / "COMPLETE")
+    # Round 0's last checkpoint uploads in a thread beside the student, whose config.json waits for
+    # it: killed there (the checkpoint held back, the student's other files up), neither is complete,
+    # and the resumed run redoes the steps after step 1 to the same student.
+    last = len(storage.read_text(ref / "round-0000" / "train" / "metrics.jsonl").splitlines())
+    proc = spawn_cli("run", url, "--config", cfg, env={**env, "EOPD_TEST_PAUSE": f"checkpoint_upload:{last}"})
+    wait_for_line(proc, f"EOPD_TEST_PAUSE reached checkpoint_upload:{last}")
+    student = root / "round-0000" / "student"
+    deadline = time.monotonic() + 300
+    while not storage.is_file(student / "model.safetensors"):
+        assert time.monotonic() < deadline and proc.poll() is None, "the student's files were not uploaded"
+        time.sleep(0.2)
+    time.sleep(1.0)  # were config.json not held back, it would follow at once
+    kill_group(proc, signal.SIGKILL)
+    assert not storage.is_file(student / "config.json")
+    assert not storage.is_file(checkpoints / f"step-{last:06d}" / "COMPLETE")
     res = run_cli("run", url, "--config", cfg, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     _same_run(root, ref)
