@@ -266,6 +266,21 @@ def round_walls(side: Side, rounds: int) -> list[float]:
     return walls
 
 
+def stage_sums(side: Side, rounds: int) -> dict[str, float]:
+    """Per stage, its active seconds (ROUND/timings.jsonl's end and wall, less the other side's slices)
+    summed over rounds 1..R-1: which stage the bucket makes slower (rollouts and teacher overlap)."""
+    from pipeline import storage
+
+    root, out = storage.location(side.run_dir), {}
+    for r in range(1, rounds):
+        for x in storage.read_text(root / f"round-{r:04d}" / "timings.jsonl").splitlines():
+            if x:
+                line = json.loads(x)
+                active = side.active(line["end"]) - side.active(line["end"] - line["wall_s"])
+                out[line["stage"]] = out.get(line["stage"], 0.0) + active
+    return out
+
+
 def students(run_dir: str, rounds: int) -> list[str]:
     from pipeline import storage
 
@@ -551,6 +566,7 @@ def main() -> None:
             time_sliced(sides, args.slice)
             print(f"both runs: {time.time() - t0:.0f} s of wall clock", flush=True)
             walls = {s.name: round_walls(s, args.rounds) for s in sides}
+            stages = {s.name: stage_sums(s, args.rounds) for s in sides}
             totals = {s.name: s.active(s.exit_time) for s in sides}
             same = students(local_dir, args.rounds) == students(url, args.rounds)
 
@@ -587,6 +603,10 @@ def main() -> None:
     per = [b / a for a, b in zip(steady["local"], steady["s3"])]
     print(f"per-round ratio over rounds 1-{args.rounds - 1}: min {min(per):.3f}, median {statistics.median(per):.3f}, "
           f"max {max(per):.3f}")
+    print(f"per stage, active seconds summed over rounds 1-{args.rounds - 1} (rollouts and teacher overlap):")
+    for stage in sorted(stages["local"]):
+        a, b = stages["local"][stage], stages["s3"].get(stage, float("nan"))
+        print(f"  {stage:30s}   {a:9.2f} {b:9.2f} {b / a:9.3f}x")
 
     print(f"\n{'throughput (storage.write/read_bytes)':38s} {'local':>10s} {'s3':>10s} {'s3/local':>9s}")
     for kind in blobs:
@@ -612,7 +632,7 @@ def main() -> None:
         print(f"{stage}/manifest.json: {statistics.mean(m['shards']):.1f} shards per round, "
               f"{statistics.mean(m['bytes']) / 1e3:.1f} kB at the end of a round")
     if args.json:
-        args.json.write_text(json.dumps({"rounds": args.rounds, "slice_s": args.slice, "walls": walls, "totals": totals,
+        args.json.write_text(json.dumps({"rounds": args.rounds, "slice_s": args.slice, "walls": walls, "stages": stages, "totals": totals,
                                          "students_identical": same, "throughput": tput, "calls_per_round": calls,
                                          "requests_per_round": reqs, "fixed_calls": fixed_calls,
                                          "manifests": manifests, "request_waits_per_round": waited}, indent=1))

@@ -39,7 +39,6 @@ import re
 import signal
 import sys
 import time
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +151,9 @@ class Sampler:
     def __init__(self, policy: Path, vllm_cfg, seed: int, in_process: bool | None = None) -> None:
         self.llm = start_engine(policy, vllm_cfg, seed=seed, worker_extension_cls=EXTENSION, in_process=in_process)
         self.policy = self.started_from = Path(policy).resolve()
+        # Read now: the directory may be a scratch copy that is moved or removed later (a student
+        # still uploading when the engine started, stages/train.py: StudentUpload).
+        self._started_files = _engine_files(self.started_from)
         self.reload_seconds = 0.0
 
     def can_load(self, policy: Path) -> bool:
@@ -159,10 +161,6 @@ class Sampler:
         the same model config (shapes, vocabulary, tied head), generation config and tokenizer files
         as the model this engine was started from (which fixed its stop tokens and vocabulary)."""
         return _engine_files(Path(policy)) == self._started_files
-
-    @cached_property
-    def _started_files(self) -> dict[str, object]:
-        return _engine_files(self.started_from)  # read once: a real tokenizer.json is ~11 MB
 
     def load(self, policy: Path) -> None:
         """Sample from the weights in `policy` (a save_pretrained directory of the same architecture)."""

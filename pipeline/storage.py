@@ -998,7 +998,7 @@ def upload_tree(local: Path, dest: Location, last: str, doing: str = "write", ca
         if last in files:
             fs.put_file(files[last], f"{path}/{last}")
     if cache:
-        _adopt_into_cache(local, dest)
+        adopt_into_cache(local, dest)
 
 
 def _tree_entries(src: Location) -> tuple[list[tuple[str, int, str, str | None]], Path]:
@@ -1016,7 +1016,7 @@ def _matches(f: Path, nbytes: int, md5: str | None) -> bool:
     return f.stat().st_size == nbytes and (not md5 or hashlib.md5(f.read_bytes()).hexdigest() == md5)
 
 
-def _adopt_into_cache(local: Path, src: Location) -> None:
+def adopt_into_cache(local: Path, src: Location) -> None:
     """Move `local` into the cache as the copy of `src`, if the objects listed under `src` are
     exactly its files (names, sizes, MD5 where the store gives one: the checks of a download).
     Otherwise (another writer in between) nothing is adopted; `local_tree` then downloads."""

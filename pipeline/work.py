@@ -28,6 +28,7 @@ import collections
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -338,7 +339,28 @@ def run_shards(
 
 def record_timing(round_dir: Location, stage: str, wall: float, load: float, engine: float) -> None:
     """One line per stage execution in ROUND/timings.jsonl: where a round's time went (model
-    load, engine compute, the rest), for `bench/rounds.py` and anyone asking why a round is slow."""
+    load, engine compute, the rest), for `bench/rounds.py` and anyone asking why a round is slow.
+    On a bucket the append (a GET and a conditional PUT) is left to a background thread, off the
+    round's critical path; it is written by the time the process exits (a kill may lose it)."""
     line = {"stage": stage, "end": time.time(), "wall_s": round(wall, 4), "load_s": round(load, 4),
             "engine_s": round(engine, 4), "pid": os.getpid()}
-    storage.append_text(round_dir / "timings.jsonl", json.dumps(line) + "\n")
+    path, text = round_dir / "timings.jsonl", json.dumps(line) + "\n"
+    if not storage.is_remote(path):
+        storage.append_text(path, text)
+        return
+    global _timings_writer
+    with _timings_lock:
+        if _timings_writer is None:  # one thread, so one process's lines keep their order
+            _timings_writer = ThreadPoolExecutor(1, thread_name_prefix="eopd-timings")  # joined at exit
+        _timings_writer.submit(_append_or_warn, path, text)
+
+
+_timings_writer: ThreadPoolExecutor | None = None
+_timings_lock = threading.Lock()
+
+
+def _append_or_warn(path: Location, text: str) -> None:
+    try:
+        storage.append_text(path, text)
+    except Exception as e:  # a diagnostic line: say so once, never stop the run for it
+        print(f"warning: a timing line was not written to {path}: {e}", file=sys.stderr)

@@ -12,8 +12,9 @@ Recipe:
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -23,6 +24,9 @@ from pipeline.prompts import round_prompt_indices, save_prompt_cache, tokenized_
 from pipeline.rundir import RunDir, freeze_config
 from pipeline.sampler import Sampler, start_engine
 from pipeline.work import ShardResult, ShardWorker, StageSummary, WorkerSpec, derive_seed, run_shards
+
+if TYPE_CHECKING:
+    from stages.train import StudentUpload
 
 STAGE = "rollouts"
 
@@ -126,12 +130,17 @@ def policy_label(run: RunDir, source, policy: Path) -> str:
 
 def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec | None = None,
                 allow_config_change: bool = False, sampler: Sampler | None = None,
-                stop: threading.Event | None = None) -> StageSummary:
+                stop: threading.Event | None = None, uploading: StudentUpload | None = None) -> StageSummary:
     """`sampler`: an engine kept across rounds (the persistent `run`); it is given this round's
     policy in place. Without one, the stage starts its own engine. `stop`: set by another thread
-    (the persistent `run`, which runs this stage in a thread), it ends the stage before its next shard."""
-    source = run.policy_for_round(cfg, round_index)
-    policy = check_model_dir(source, "student")  # a local directory (a bucket's is cached locally)
+    (the persistent `run`, which runs this stage in a thread), it ends the stage before its next shard.
+    `uploading`: the policy (round r-1's student, persistent run on a bucket) is still uploading:
+    sampled from its local copy meanwhile, no shard recorded before its upload is complete."""
+    if uploading is not None:
+        source, policy = uploading.dest, uploading.local
+    else:
+        source = run.policy_for_round(cfg, round_index)
+        policy = check_model_dir(source, "student")  # a local directory (a bucket's is cached locally)
     # The base student's tokenizer defines the prompt tokens for every round (later students are saved with it).
     tokenizer = load_tokenizer(check_model_dir(cfg.student.path, "student"))
     prompts, cached = tokenized_prompts(run.prompts_dir, cfg.prompts, tokenizer)
@@ -147,7 +156,16 @@ def run_rollout(run: RunDir, cfg: Config, round_index: int, worker: WorkerSpec |
             llm = sampler.llm
         else:  # the engine seed matters little: every request carries its own seed
             llm = start_engine(policy, cfg.rollout.vllm, seed=derive_seed(cfg.seed, STAGE, round_index))
-        return rollout_worker(llm, prompts, shards, cfg, round_index)
+        worker = rollout_worker(llm, prompts, shards, cfg, round_index)
+        if uploading is not None:
+            finish = worker.finish
+
+            def finish_once_policy_is_complete(i: int) -> ShardResult:
+                result = finish(i)
+                uploading.wait()  # round r-1 complete on the bucket before a shard of round r is recorded
+                return result
+            worker.finish = finish_once_policy_is_complete
+        return worker
 
     # Inside the run dir the policy is named relative to it: shards do not depend on where the run lives.
     label = policy_label(run, source, policy)

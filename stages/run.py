@@ -30,6 +30,7 @@ reaches it there for the weight swap.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -42,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # The persistent run puts more OpenMP threads than cores to work (the trainer's and the teacher's
 # beside vLLM's engine process, which inherits this): threads that spin at every barrier while
@@ -65,6 +67,9 @@ from pipeline.rundir import RunDir, freeze_config
 from pipeline.shards import Manifest
 from pipeline.signals import PREEMPTION
 from pipeline.work import Follow
+
+if TYPE_CHECKING:
+    from stages.train import StudentUpload, TrainSummary
 
 
 def _die_with_parent() -> None:
@@ -200,6 +205,15 @@ def run_rounds_persistent(run: RunDir, cfg: Config, watch: "Watch | None" = None
     roles = Roles(run, cfg)
     watch = watch if watch is not None else Watch(run, cfg, bar=False)
     health = HealthWatch(run, watch.say)
+    # On a bucket the last round's student uploads while this round samples from its local copy
+    # (stages/train.py: StudentUpload); this round records nothing before that upload is complete.
+    uploading = None
+
+    def released() -> None:
+        nonlocal uploading
+        if uploading is not None:
+            uploading.release()
+            uploading = None
     try:
         watch.curve_point(roles, "base")
         for r in range(cfg.rounds):
@@ -208,32 +222,50 @@ def run_rounds_persistent(run: RunDir, cfg: Config, watch: "Watch | None" = None
                 watch.start_round(r)
             if cfg.train.data_order == "shards" and not run.student_done(r) \
                     and not Manifest(run.stage_dir(r, "teacher")).is_complete():
-                round_streamed(run, cfg, r, roles)
+                trained = round_streamed(run, cfg, r, roles, uploading)
+                released()
+                uploading = trained.student_upload
+                if watch.curve_due(r):
+                    released()
                 watch.end_round(r, health.after_round(r), ran, roles)
                 continue
             rollouts_done = Manifest(run.stage_dir(r, "rollouts")).is_complete()
             teacher_done = False  # known complete (each check is a request or two on a bucket)
             if not rollouts_done and cfg.score_teacher.overlap_rollouts \
                     and not Manifest(run.stage_dir(r, "teacher")).is_complete():
-                rollouts_and_teacher_overlapped(run, cfg, r, roles)
+                rollouts_and_teacher_overlapped(run, cfg, r, roles, uploading)
                 teacher_done = True
             elif not rollouts_done:
-                summary = run_rollout(run, cfg, r, sampler=roles.sampler(lambda: run.policy_for_round(cfg, r)))
+                summary = run_rollout(run, cfg, r, sampler=roles.sampler(_policy(run, cfg, r, uploading)),
+                                      uploading=uploading)
                 _require_complete(summary, "rollout", r)
+            released()
             if not teacher_done and not Manifest(run.stage_dir(r, "teacher")).is_complete():
                 summary = run_score_teacher(run, cfg, r, teacher=roles.teacher())
                 _require_complete(summary, "score-teacher", r)
             if ran:  # (train_round looks again: another process may have trained it meanwhile)
-                roles.trainer().train_round(r)
+                uploading = roles.trainer().train_round(r, upload_in_background=True).student_upload
+                if watch.curve_due(r):  # the curve's point evaluates round r's student from the bucket
+                    released()
             watch.end_round(r, health.after_round(r), ran, roles)
+        released()
         watch.curve_point(roles, "teacher")
     except BaseException:
+        if uploading is not None:  # a stop leaves the student whole where it can (a kill would not)
+            with contextlib.suppress(Exception):
+                uploading.release()
         roles.close()
         raise
     return roles
 
 
-def rollouts_and_teacher_overlapped(run: RunDir, cfg: Config, r: int, roles: Roles) -> None:
+def _policy(run: RunDir, cfg: Config, r: int, uploading: StudentUpload | None) -> Callable[[], Path]:
+    """Round r's policy for starting the rollout engine: the local copy of a student still uploading."""
+    return lambda: uploading.local if uploading is not None else run.policy_for_round(cfg, r)
+
+
+def rollouts_and_teacher_overlapped(run: RunDir, cfg: Config, r: int, roles: Roles,
+                                    uploading: StudentUpload | None = None) -> None:
     """Round r's rollouts in a thread, scored shard by shard in this one as they are recorded.
 
     Only this thread sees SIGTERM (Preempted) and stops first on any error; the rollout thread is
@@ -244,8 +276,8 @@ def rollouts_and_teacher_overlapped(run: RunDir, cfg: Config, r: int, roles: Rol
     from stages.rollout import run_rollout
     from stages.score_teacher import run_score_teacher
 
-    sampler, stop = roles.sampler(lambda: run.policy_for_round(cfg, r)), threading.Event()
-    rollouts = StageThread(lambda: run_rollout(run, cfg, r, sampler=sampler, stop=stop), "rollout", r)
+    sampler, stop = roles.sampler(_policy(run, cfg, r, uploading)), threading.Event()
+    rollouts = StageThread(lambda: run_rollout(run, cfg, r, sampler=sampler, stop=stop, uploading=uploading), "rollout", r)
     try:
         teacher = roles.teacher()  # round 0: loaded while the first shards are sampled
         summary = run_score_teacher(run, cfg, r, teacher=teacher,
@@ -263,25 +295,28 @@ def rollouts_and_teacher_overlapped(run: RunDir, cfg: Config, r: int, roles: Rol
                 rollouts.join()
 
 
-def round_streamed(run: RunDir, cfg: Config, r: int, roles: Roles) -> None:
+def round_streamed(run: RunDir, cfg: Config, r: int, roles: Roles,
+                   uploading: StudentUpload | None = None) -> TrainSummary:
     """Round r with train.data_order "shards": rollouts (overlapped, as above) and teacher scoring in
     threads, training in this thread, each optimiser step as soon as the teacher shards it draws
     from are recorded. Every row still comes from round r-1's student; the rows, students and losses
     are those of the same config run stage after stage. This thread alone sees SIGTERM: the trainer
     checkpoints at its next step boundary (or while it waits for a shard), then the threads are
-    stopped before their next shard and waited for, as in `rollouts_and_teacher_overlapped`."""
+    stopped before their next shard and waited for, as in `rollouts_and_teacher_overlapped`.
+    `uploading`: round r-1's student, still uploading (see run_rounds_persistent)."""
     from stages.rollout import run_rollout
     from stages.score_teacher import run_score_teacher
 
     stop, threads, follow_rollouts = threading.Event(), [], None
     if not Manifest(run.stage_dir(r, "rollouts")).is_complete():
-        sampler = roles.sampler(lambda: run.policy_for_round(cfg, r))
+        sampler = roles.sampler(_policy(run, cfg, r, uploading))
         if cfg.score_teacher.overlap_rollouts:
-            rollouts = StageThread(lambda: run_rollout(run, cfg, r, sampler=sampler, stop=stop), "rollout", r)
+            rollouts = StageThread(lambda: run_rollout(run, cfg, r, sampler=sampler, stop=stop, uploading=uploading),
+                                   "rollout", r)
             threads.append(rollouts)
             follow_rollouts = InProcessFollow(run.stage_dir(r, "rollouts"), rollouts.check)
         else:
-            _require_complete(run_rollout(run, cfg, r, sampler=sampler), "rollout", r)
+            _require_complete(run_rollout(run, cfg, r, sampler=sampler, uploading=uploading), "rollout", r)
     try:
         # Both models load here, one after the other: transformers' from_pretrained builds on the meta
         # device through process-wide state, and two loads at once in two threads break each other
@@ -295,10 +330,14 @@ def round_streamed(run: RunDir, cfg: Config, r: int, roles: Roles) -> None:
         def upstream_ok() -> None:  # polled by the trainer while it waits for a teacher shard
             PREEMPTION.check()
             teacher.check()
-        trainer.train_round(r, follow=InProcessFollow(run.stage_dir(r, "teacher"), upstream_ok))
+        if uploading is not None:  # round r-1 whole on the bucket before round r's training writes
+            uploading.wait()
+        trained = trainer.train_round(r, follow=InProcessFollow(run.stage_dir(r, "teacher"), upstream_ok),
+                                      upload_in_background=True)
         for thread in threads:
             thread.join()
             thread.check()
+        return trained
     finally:
         if any(t.is_alive() for t in threads):
             stop.set()
@@ -490,10 +529,14 @@ class Watch:
     def start_round(self, r: int) -> None:
         self.progress.start_round(r, self.run.stage_dir(r, "train") / "metrics.jsonl")
 
+    def curve_due(self, r: int) -> bool:
+        """Whether round r's end evaluates round r's student (a point of the learning curve)."""
+        every = self.cfg.eval.every_rounds
+        return bool(every) and ((r + 1) % every == 0 or r + 1 == self.cfg.rounds)
+
     def end_round(self, r: int, health, ran: bool, roles: Roles | None) -> None:
         last = _last_record(self.run, r)
-        every = self.cfg.eval.every_rounds
-        if roles is not None and every and ((r + 1) % every == 0 or r + 1 == self.cfg.rounds):
+        if roles is not None and self.curve_due(r):
             self.curve_point(roles, f"round-{r}", last["global_step"] if last else 0)
         self.trackers.send([r])
         self.progress.end_round(r, health, steps_per_round=last["step"] if last else None,

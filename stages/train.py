@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from eopd.losses import ObjectiveConfig, chunked_objective, entropy_gate
 from eopd.metrics import merge_stats, student_topk_ids, summarize_stats, topk_jaccard_distance
 from pipeline import storage
+from pipeline.storage import Location
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import Preempted, UserError
 from pipeline.models import check_model_dir, length_sorted_batches, load_tokenizer, response_hidden_states
@@ -61,6 +62,7 @@ class TrainSummary:
     engine_seconds: float = 0.0  # forward, backward and optimiser step (bench/end_to_end.py)
     probe_seconds: float = 0.0  # the top-10 probe's forward (a metric, not training)
     checkpoint: Future | None = None  # the round's last checkpoint while it uploads (write_student waits for it)
+    student_upload: StudentUpload | None = None  # train_round(upload_in_background=True) on a bucket
 
 
 def objective_config(tc: TrainConfig) -> ObjectiveConfig:
@@ -255,23 +257,55 @@ def save_checkpoint(engine, ckpt_dir, step: int, client: dict, rank: int, keep: 
     return None
 
 
-def write_student(model, tokenizer_dir: Path, out, checkpoint: Future | None = None) -> None:
+@dataclass
+class StudentUpload:
+    """Round R's student, whole in `local` (a scratch directory in the local cache) and uploading to
+    `dest` (a bucket) in a thread: the persistent run's next round loads `local` into its engine and
+    samples meanwhile, and records nothing before `wait()` returns (round R is then complete on the
+    bucket). `release()` waits too, then keeps `local` as the cached copy of `dest` (or removes it)."""
+    dest: Location
+    local: Path
+    future: Future
+
+    def wait(self) -> None:
+        self.future.result()  # raises what the upload raised (one message naming the URL)
+
+    def release(self) -> None:
+        try:
+            self.wait()
+            storage.adopt_into_cache(self.local, self.dest)
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def write_student(model, tokenizer_dir: Path, out, checkpoint: Future | None = None,
+                  background: bool = False) -> StudentUpload | None:
     """round-R/student/: saved into a scratch directory, then renamed into place (local) or uploaded
     with config.json last (bucket), so `config.json` exists only in a whole student; and only once
-    the round's last `checkpoint` (uploading meanwhile) is whole, which the next round resumes from."""
+    the round's last `checkpoint` (uploading meanwhile) is whole, which the next round resumes from.
+    `background` (a bucket): the upload runs in a thread and is returned as a StudentUpload."""
     storage.remove_stale_tmp(out)  # a predecessor killed while saving
     tmp = storage.scratch_dir(out, "student")
+    handed_over = False
     try:
         try:
             model.save_pretrained(tmp)
             load_tokenizer(tokenizer_dir).save_pretrained(tmp)
         except (OSError, RuntimeError) as e:
             raise _save_failed(out, e) from None
+        before_last = checkpoint.result if checkpoint is not None else None
+        if background and storage.is_remote(out):
+            pool = ThreadPoolExecutor(1, thread_name_prefix="student-upload")
+            upload = pool.submit(storage.upload_tree, tmp, out, "config.json", "write the student", False, before_last)
+            pool.shutdown(wait=False)  # the thread ends with the upload
+            handed_over = True
+            return StudentUpload(out, tmp, upload)
         # cache: the next round's sampler (the persistent run's rollout engine) reads this copy, not a download
-        storage.upload_tree(tmp, out, last="config.json", doing="write the student", cache=True,
-                            before_last=checkpoint.result if checkpoint is not None else None)
+        storage.upload_tree(tmp, out, last="config.json", doing="write the student", cache=True, before_last=before_last)
+        return None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not handed_over:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Trainer:
@@ -310,9 +344,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases
 
-    def train_round(self, round_index: int, follow: Follow | None = None) -> TrainSummary:
+    def train_round(self, round_index: int, follow: Follow | None = None,
+                    upload_in_background: bool = False) -> TrainSummary:
         """`follow`: the round's teacher shards are still being scored by another thread of this
-        process (train.data_order "shards" only); each step waits for the shards it needs."""
+        process (train.data_order "shards" only); each step waits for the shards it needs.
+        `upload_in_background` (the persistent run, a bucket): the student uploads in a thread, handed
+        back as `summary.student_upload`, which the caller must wait for before it records anything
+        that depends on the round being complete."""
         wall0 = time.perf_counter()
         out = self.run.student_dir(round_index)
         if storage.is_file(out / "config.json"):
@@ -323,8 +361,8 @@ class Trainer:
         load_seconds = time.perf_counter() - t_load
         summary = self._steps(round_index, source, steps, start, probe_prev)
         if self.rank == 0:
-            write_student(self.engine.module, check_model_dir(self.cfg.student.path, "student"), out,
-                          summary.checkpoint)
+            summary.student_upload = write_student(self.engine.module, check_model_dir(self.cfg.student.path, "student"),
+                                                   out, summary.checkpoint, background=upload_in_background)
         barrier()
         self.holds_end_of, self._rng_at_end = round_index, rng_state()
         summary.load_seconds = load_seconds

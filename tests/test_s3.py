@@ -545,8 +545,9 @@ def test_run_on_a_bucket_killed_after_a_checkpoint_keeps_its_metrics(s3, local_r
     checkpoints = root / "round-0000" / "train" / "checkpoints"
     assert storage.is_file(checkpoints / "step-000001" / "COMPLETE")
     # Round 0's last checkpoint uploads in a thread beside the student, whose config.json waits for
-    # it: killed there (the checkpoint held back, the student's other files up), neither is complete,
-    # and the resumed run redoes the steps after step 1 to the same student.
+    # it; meanwhile round 1 samples from the student's local copy but records nothing. Killed there
+    # (the checkpoint held back, the student's other files up, round 1 begun), neither is complete,
+    # round 1 has no shard, and the resumed run redoes the steps after step 1 to the same student.
     last = len(storage.read_text(ref / "round-0000" / "train" / "metrics.jsonl").splitlines())
     proc = spawn_cli("run", url, "--config", cfg, env={**env, "EOPD_TEST_PAUSE": f"checkpoint_upload:{last}"})
     wait_for_line(proc, f"EOPD_TEST_PAUSE reached checkpoint_upload:{last}")
@@ -555,10 +556,15 @@ def test_run_on_a_bucket_killed_after_a_checkpoint_keeps_its_metrics(s3, local_r
     while not storage.is_file(student / "model.safetensors"):
         assert time.monotonic() < deadline and proc.poll() is None, "the student's files were not uploaded"
         time.sleep(0.2)
-    time.sleep(1.0)  # were config.json not held back, it would follow at once
+    rollouts = root / "round-0001" / "rollouts"
+    while not storage.is_file(rollouts / "manifest.json"):  # round 1's rollout stage has begun
+        assert time.monotonic() < deadline and proc.poll() is None, "round 1 did not start beside the upload"
+        time.sleep(0.2)
+    time.sleep(3.0)  # a toy shard is sampled in well under this: were it not held back, it would be recorded
     kill_group(proc, signal.SIGKILL)
     assert not storage.is_file(student / "config.json")
     assert not storage.is_file(checkpoints / f"step-{last:06d}" / "COMPLETE")
+    assert storage.names(rollouts, "part-*.parquet") == []
     res = run_cli("run", url, "--config", cfg, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     _same_run(root, ref)
