@@ -224,6 +224,12 @@ class Side:
         return sum(max(0.0, min(b, t) - a) for a, b in self.intervals if a < t)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def time_sliced(sides: list[Side], slice_s: float) -> None:
     """Run the sides one at a time, `slice_s` seconds each in turn, until all have exited."""
     turn = 0
@@ -562,8 +568,10 @@ def main() -> None:
             sides = [Side("s3", url, run_cmd(url, assets, args.rounds), s3_env("full"), tmp / "s3.log"),
                      Side("local", local_dir, run_cmd(local_dir, assets, args.rounds),
                           {**base_env, "EOPD_CACHE_DIR": str(tmp / "cache-local")}, tmp / "local.log")]
-            t0 = time.time()
+            t0, server_cpu0 = time.time(), cpu_seconds(server.proc.pid)
             time_sliced(sides, args.slice)
+            # The server shares this machine's cores with the run it serves: its CPU is part of the cost here
+            server_cpu = cpu_seconds(server.proc.pid) - server_cpu0
             print(f"both runs: {time.time() - t0:.0f} s of wall clock", flush=True)
             walls = {s.name: round_walls(s, args.rounds) for s in sides}
             stages = {s.name: stage_sums(s, args.rounds) for s in sides}
@@ -603,6 +611,9 @@ def main() -> None:
     per = [b / a for a, b in zip(steady["local"], steady["s3"])]
     print(f"per-round ratio over rounds 1-{args.rounds - 1}: min {min(per):.3f}, median {statistics.median(per):.3f}, "
           f"max {max(per):.3f}")
+    print(f"the S3 server's CPU over both runs (it idles in the local side's slices): {server_cpu:.1f} s, "
+          f"{server_cpu / args.rounds:.3f} s per round of the bucket run, {server_cpu / totals['s3']:.2f} of a core per "
+          f"second of it")
     print(f"per stage, active seconds summed over rounds 1-{args.rounds - 1} (rollouts and teacher overlap):")
     for stage in sorted(stages["local"]):
         a, b = stages["local"][stage], stages["s3"].get(stage, float("nan"))
@@ -632,7 +643,8 @@ def main() -> None:
         print(f"{stage}/manifest.json: {statistics.mean(m['shards']):.1f} shards per round, "
               f"{statistics.mean(m['bytes']) / 1e3:.1f} kB at the end of a round")
     if args.json:
-        args.json.write_text(json.dumps({"rounds": args.rounds, "slice_s": args.slice, "walls": walls, "stages": stages, "totals": totals,
+        args.json.write_text(json.dumps({"rounds": args.rounds, "slice_s": args.slice, "walls": walls, "stages": stages,
+                                    "server_cpu_s": server_cpu, "totals": totals,
                                          "students_identical": same, "throughput": tput, "calls_per_round": calls,
                                          "requests_per_round": reqs, "fixed_calls": fixed_calls,
                                          "manifests": manifests, "request_waits_per_round": waited}, indent=1))
