@@ -227,13 +227,19 @@ TRACKERS: dict[str, type[Tracker]] = {t.name: t for t in (TensorBoardTracker, Wa
 # ----------------------------------------------------------------------------- the set of them
 
 
+def curve_due(cfg, r: int) -> bool:
+    """Whether round r's end evaluates round r's student (a point of the learning curve)."""
+    every = cfg.eval.every_rounds
+    return bool(every) and cfg.eval.prompts is not None and ((r + 1) % every == 0 or r + 1 == cfg.rounds)
+
+
 class Trackers:
     """The trackers of one `run`; each method sends what is not sent yet (see the module docstring)."""
 
     def __init__(self, run: RunDir, cfg, say: Callable[[str], None]) -> None:
         from pipeline.config import config_to_dict
 
-        self.run, self.say = run, say
+        self.run, self.say, self.cfg = run, say, cfg
         self.path = run.root / "trackers" / "state.json"
         self.state: dict[str, dict] = json.loads(storage.read_text(self.path)) if storage.is_file(self.path) else {}
         self.open: dict[str, Tracker] = {}
@@ -294,8 +300,15 @@ class Trackers:
         by global step and sent in step order (wandb keeps only rising steps)."""
         if not self.open:
             return
-        if rounds is None:
+        if rounds is None:  # a catch-up (a resumed run's start)
             rounds = [r for r in self.run.rounds_present() if self.run.student_done(r)]
+            # A round whose curve point is due but not evaluated yet (killed during that eval) waits, and
+            # every later round with it: its end sends the point with its steps (wandb drops a second row
+            # at a step it already has).
+            missing = [r for r in rounds if curve_due(self.cfg, r)
+                       and not storage.is_file(self.run.root / "eval" / "curve" / f"round-{r}.json")]
+            if missing:
+                rounds = [r for r in rounds if r < missing[0]]
         records = [rec for r in rounds if self.run.student_done(r) for rec in _metrics(self.run, r)]
         points = curve_points(self.run)
 

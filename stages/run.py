@@ -66,7 +66,7 @@ from pipeline.progress import stage_output_to_log
 from pipeline.rundir import RunDir, freeze_config
 from pipeline.shards import Manifest
 from pipeline.signals import PREEMPTION
-from pipeline.work import Follow
+from pipeline.work import Follow, test_pause
 
 if TYPE_CHECKING:
     from stages.train import StudentUpload, TrainSummary
@@ -531,8 +531,9 @@ class Watch:
 
     def curve_due(self, r: int) -> bool:
         """Whether round r's end evaluates round r's student (a point of the learning curve)."""
-        every = self.cfg.eval.every_rounds
-        return bool(every) and ((r + 1) % every == 0 or r + 1 == self.cfg.rounds)
+        from pipeline.trackers import curve_due
+
+        return curve_due(self.cfg, r)
 
     def end_round(self, r: int, health, ran: bool, roles: Roles | None) -> None:
         last = _last_record(self.run, r)
@@ -555,6 +556,7 @@ class Watch:
 
         if step is None:
             step = 0 if model == "base" else self.progress.step
+        test_pause("curve_point", step)  # the kill tests stop a run here
         sampler = roles.eval_sampler(resolve_model(self.run, self.cfg, model).path)
         if sampler is None:
             if model != "teacher":

@@ -9,14 +9,13 @@ import math
 import os
 import signal
 import struct
-import time
 from pathlib import Path
 
 import pytest
 
 VLLM = {"enforce_eager": True, "dtype": "float32", "cpu_kvcache_gib": 1.0}  # rollout's = eval's: the curve uses its engine
 
-from conftest import kill_group, run_cli, spawn_cli, write_config
+from conftest import kill_group, run_cli, spawn_cli, wait_for_line, write_config
 
 TRACKERS = ["tensorboard", "wandb", "trackio", "mlflow"]
 for _name in TRACKERS:
@@ -151,13 +150,11 @@ def test_every_tracker_equals_metrics_after_kill_and_resume(toy, tmp_path):
                        logging={"report_to": TRACKERS, "project": "eopd-test"})
     run = tmp_path / "run"
     env = tracker_env(tmp_path)
-    proc = spawn_cli("run", run, "--config", cfg, env=env)
-    deadline = time.time() + 900
-    while not (run / "round-0001" / "student" / "config.json").is_file():
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        assert time.time() < deadline
-        time.sleep(0.2)
-    time.sleep(1.0)  # into round 2
+    # Killed while round 1's curve point is evaluated (its student written, the point not yet): the
+    # resumed run's catch-up must not send round 1's steps without it (wandb would drop the point).
+    proc = spawn_cli("run", run, "--config", cfg, env={**env, "EOPD_TEST_PAUSE": "curve_point:4"})
+    wait_for_line(proc, "EOPD_TEST_PAUSE reached curve_point:4")
+    assert (run / "round-0001" / "student" / "config.json").is_file()
     kill_group(proc, signal.SIGKILL)
     state_before = json.loads((run / "trackers" / "state.json").read_text())
     res = run_cli("run", run, env=env)
