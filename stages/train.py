@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,14 @@ def _save_failed(where, e: BaseException) -> UserError:
                      f"permissions) and run the same command again: training resumes from the last complete checkpoint")
 
 
+def _in_thread(name: str, fn: Callable, *args) -> Future:
+    """`fn(*args)` in a thread of its own, which ends with it; the future gives its result or error."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)
+    return future
+
+
 def save_checkpoint(engine, ckpt_dir, step: int, client: dict, rank: int, keep: int,
                     background: bool = False) -> Future | None:
     """Collective. Written under a hidden name (locally) or in the local cache (bucket), marked
@@ -247,9 +256,7 @@ def save_checkpoint(engine, ckpt_dir, step: int, client: dict, rank: int, keep: 
             prune_checkpoints(ckpt_dir, keep)
 
         if background and storage.is_remote(final):
-            pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
-            pending = pool.submit(upload)
-            pool.shutdown(wait=False)  # the thread ends with the upload
+            pending = _in_thread("checkpoint-upload", upload)
             barrier()
             return pending
         upload()
@@ -295,9 +302,8 @@ def write_student(model, tokenizer_dir: Path, out, checkpoint: Future | None = N
             raise _save_failed(out, e) from None
         before_last = checkpoint.result if checkpoint is not None else None
         if background and storage.is_remote(out):
-            pool = ThreadPoolExecutor(1, thread_name_prefix="student-upload")
-            upload = pool.submit(storage.upload_tree, tmp, out, "config.json", "write the student", False, before_last)
-            pool.shutdown(wait=False)  # the thread ends with the upload
+            upload = _in_thread("student-upload", storage.upload_tree, tmp, out, "config.json", "write the student",
+                                False, before_last)
             handed_over = True
             return StudentUpload(out, tmp, upload)
         # cache: the next round's sampler (the persistent run's rollout engine) reads this copy, not a download
