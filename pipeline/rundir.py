@@ -67,7 +67,11 @@ class RunDir:
 
     def student_done(self, r: int) -> bool:
         """Round r's training is finished: its student is written (config.json last: see storage.upload_tree)."""
-        return storage.is_file(self.student_dir(r) / "config.json")
+        done = self.student_dir(r) / "config.json"
+        if not storage.is_file(done):
+            return False
+        storage.remember_final(done)  # a complete student stays so (one training claim writes it)
+        return True
 
     def rounds_present(self) -> list[int]:
         return sorted(int(n.split("-")[1]) for n in storage.subdirs(self.root, "round-[0-9][0-9][0-9][0-9]"))
@@ -89,10 +93,12 @@ def freeze_config(run: RunDir, cfg: Config, allow_change: bool = False) -> Confi
     """First use writes RUN_DIR/config.yaml; later uses must agree with it (or pass allow_change)."""
     new = config_to_dict(cfg)
     if storage.is_file(run.config_path):
-        frozen = validate(load_yaml(storage.read_text(run.config_path)) or {}, str(run.config_path))
+        text = storage.read_text(run.config_path)
+        frozen = validate(load_yaml(text) or {}, str(run.config_path))
         old = config_to_dict(frozen)
         changes = diff_configs(old, new)
         if not changes:
+            storage.remember_final(run.config_path, text.encode())  # read once per process (a bucket)
             return frozen
         if not allow_change:
             raise UserError(
@@ -103,5 +109,7 @@ def freeze_config(run: RunDir, cfg: Config, allow_change: bool = False) -> Confi
             )
         backup = run.config_path.with_name(f"config.yaml.{time.strftime('%Y%m%d-%H%M%S')}")
         storage.move(run.config_path, backup)
-    atomic_write_text(run.config_path, yaml.safe_dump(new, sort_keys=False))
+    text = yaml.safe_dump(new, sort_keys=False)
+    atomic_write_text(run.config_path, text)
+    storage.remember_final(run.config_path, text.encode())
     return cfg

@@ -177,9 +177,17 @@ class Manifest:
     def read_if_any(self) -> dict[str, Any] | None:
         """The manifest, or None where there is none: one read, no look-up first (on a bucket a HEAD less)."""
         try:
-            return self._parse(storage.read_text(self.path))
+            body = storage.read_bytes(self.path)
         except FileNotFoundError:
             return None
+        return self._remember(self._parse(body), body)
+
+    def _remember(self, data: dict[str, Any], body: bytes) -> dict[str, Any]:
+        """A complete manifest is final (only a checksum error, `forget`, reopens it): this process
+        reads it from memory from now on (on a bucket; storage.remember_final)."""
+        if data.get("complete"):
+            storage.remember_final(self.path, body)
+        return data
 
     def _parse(self, text: str | bytes) -> dict[str, Any]:
         try:
@@ -202,17 +210,20 @@ class Manifest:
                 raise UserError(missing_manifest_message(self.stage_dir))
             data = self._parse(old)
             return self._dump(data) if change(data) else None
-        storage.update(self.path, apply)
+        body = storage.update(self.path, apply)
+        if body is not None and storage.is_remote(self.path):
+            self._remember(self._parse(body), body)
 
-    def init(self, num_shards: int, plan: dict[str, Any]) -> None:
-        """Create the manifest, or check that an existing one was made for the same plan."""
+    def init(self, num_shards: int, plan: dict[str, Any]) -> dict[str, Any]:
+        """Create the manifest, or check that an existing one was made for the same plan; returns it."""
         def apply(old: bytes | None) -> bytes | None:
             if old is None:
                 if shard_files(self.stage_dir):
                     raise UserError(missing_manifest_message(self.stage_dir))  # a fresh manifest would hide them
                 return self._dump({"num_shards": num_shards, "plan": plan, "shards": {}, "complete": num_shards == 0})
             return self._check_plan(self._parse(old), num_shards, plan)
-        storage.update(self.path, apply)
+        body = storage.update(self.path, apply)
+        return self._remember(self._parse(body), body)
 
     def _check_plan(self, data: dict[str, Any], num_shards: int, plan: dict[str, Any]) -> bytes | None:
         if data["num_shards"] != num_shards or data["plan"] != plan:
@@ -338,6 +349,7 @@ def read_shard(stage_dir: Location, name: str, record: dict[str, Any], columns: 
         if body is None:
             check_shard(path, record)  # raises: missing
         check_shard(path, record, body)
+        storage.remember_final(path, body)  # checked: a later read (the round's health) is from memory
         source: Any = body
     else:
         check_shard(path, record)

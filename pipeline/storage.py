@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
@@ -440,6 +441,67 @@ def check_reachable(root: Location) -> None:
         raise store_error(root, "reach", e) from None
 
 
+# ----------------------------------------------------------------------------- what this process knows
+
+# Objects that this process knows final (bucket only): their bytes, or None where it knows only that
+# they exist. A request costs ~4 ms of CPU here (client and server, bench/RESULTS.md) and a billed
+# call at scale; a persistent run would otherwise re-read each round's config, shards, complete
+# manifests and metrics several times. Bounded: objects over _FINAL_OBJECT are kept as None.
+_FINAL: OrderedDict[str, bytes | None] = OrderedDict()
+_FINAL_LOCK = threading.Lock()
+_FINAL_BYTES, _FINAL_OBJECT = 64 << 20, 16 << 20
+_final_bytes = 0
+# (version token, bytes) of each object this process last read or wrote by `update`: its next update
+# tries a conditional PUT on that version before any GET (a stale one costs the failed PUT only).
+_VERSIONS: dict[str, tuple[str, bytes]] = {}
+
+
+def remember_final(p: Location, data: bytes | None = None) -> None:
+    """Declare object `p` final: it holds `data` (None: it exists, bytes not kept) and no one changes
+    or deletes it while this process runs, other than this process through this module, which then
+    forgets it. Later `is_file`, `size` and `read_bytes` of `p` make no request. For what is final by
+    the run directory's rules: a shard under its final name (checked by sha256), a complete manifest,
+    a complete student, a finished round's metrics, the frozen config. Locally nothing is kept."""
+    global _final_bytes
+    if not is_remote(p):
+        return
+    if data is not None and len(data) > _FINAL_OBJECT:
+        data = None
+    key = str(p)
+    with _FINAL_LOCK:
+        old = _FINAL.pop(key, None)
+        _final_bytes -= len(old or b"")
+        _FINAL[key] = data
+        _final_bytes += len(data or b"")
+        while _final_bytes > _FINAL_BYTES:
+            _, dropped = _FINAL.popitem(last=False)
+            _final_bytes -= len(dropped or b"")
+
+
+def _final(p: Location) -> tuple[bool, bytes | None]:
+    """(whether `p` is known final, its bytes where kept)."""
+    with _FINAL_LOCK:
+        key = str(p)
+        if key not in _FINAL:
+            return False, None
+        _FINAL.move_to_end(key)
+        return True, _FINAL[key]
+
+
+def _changing(p: Location, tree: bool = False) -> None:
+    """This process is about to write or delete `p` (`tree`: everything under it): forget what it knew."""
+    global _final_bytes
+    key = str(p)
+    with _FINAL_LOCK:
+        keys = [key]
+        if tree:
+            under = key.rstrip("/") + "/"
+            keys += [k for k in (*_FINAL, *_VERSIONS) if k.startswith(under)]
+        for k in keys:
+            _final_bytes -= len(_FINAL.pop(k, None) or b"")
+            _VERSIONS.pop(k, None)
+
+
 # ----------------------------------------------------------------------------- reads
 
 
@@ -453,6 +515,8 @@ def is_file(p: Location) -> bool:
     missing key, and answers False when the store cannot be reached: that must be an error)."""
     if not is_remote(p):
         return p.is_file()
+    if _final(p)[0]:
+        return True
     try:
         _head(p)
         return True
@@ -486,6 +550,9 @@ def size(p: Location) -> int:
     """The file's or object's size in bytes (one HEAD on a bucket); FileNotFoundError when it is not there."""
     if not is_remote(p):
         return p.stat().st_size
+    data = _final(p)[1]
+    if data is not None:
+        return len(data)
     return _store(p).size(_head(p))
 
 
@@ -493,7 +560,13 @@ def read_bytes(p: Location) -> bytes:
     """The whole object; FileNotFoundError when it is not there."""
     if not is_remote(p):
         return p.read_bytes()
-    return _get(p)[1]
+    known, data = _final(p)
+    if data is not None:
+        return data
+    data = _get(p)[1]
+    if known:
+        remember_final(p, data)
+    return data
 
 
 def _get(p: Location) -> tuple[str, bytes]:
@@ -556,8 +629,9 @@ def _fsync_dir(path: Path) -> None:
 
 def tmp_name(final: Path) -> Path:
     # Leading dot: globs like "*.parquet" (datasets, pandas) never pick up a half-written file.
-    # Host and pid name the writer, so a cleanup removes only files of writers that are gone.
-    return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident() % 100000}")
+    # Host and pid name the writer, so a cleanup removes only files of writers that are gone; the
+    # thread's native id (unique among live threads; get_ident() % 100000 could repeat) its thread.
+    return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_native_id()}")
 
 
 _FOREIGN_TMP_SECONDS = 3600  # a temporary file of another machine's writer is stale after this long
@@ -626,16 +700,19 @@ def write_file(final: Location, fill: Callable[[Path], None], before_commit: Cal
         fill(tmp)
         if before_commit is not None:
             before_commit()
-        if not exclusive:
-            _put(final, tmp.read_bytes(), doing)
-            return True
-        try:
-            with errors(final, doing):
-                _put_if(final, tmp.read_bytes(), None)
-        except Exception as e:
-            if not _precondition_failed(e):
-                raise
-            return False
+        data = tmp.read_bytes()
+    if not exclusive:
+        _put(final, data, doing)
+        return True
+    try:
+        with errors(final, doing):
+            _put_if(final, data, None)
+    except Exception as e:
+        if not _precondition_failed(e):
+            raise
+        remember_final(final)  # created once, never replaced: final (someone else's bytes)
+        return False
+    remember_final(final, data)
     return True
 
 
@@ -652,6 +729,7 @@ def write_text(final: Location, text: str, doing: str = "write") -> None:
 
 
 def _put(final: Location, data: bytes, doing: str) -> None:
+    _changing(final)
     fs, path = _fs(final)
     with errors(final, doing):
         fs.pipe_file(path, data)
@@ -661,6 +739,7 @@ def _put_if(p: Location, data: bytes, token: str | None) -> str | None:
     """One conditional PUT: create `p` (token None) or replace the version `token` of it. Raises a
     precondition failure (`_precondition_failed`) when another writer came first. Returns the new
     version's token where the store's answer names it."""
+    _changing(p)
     fs, path = _fs(p)
     bucket, key = _bucket_key(p)
     return _store(p).put_if(fs, path, bucket, key, data, token)
@@ -754,27 +833,43 @@ def update(p: Location, change: Callable[[bytes | None], bytes | None], lock_dir
     return new
 
 
-def _compare_and_swap(p: Location, change: Callable[[bytes | None], bytes | None],
-                      known: tuple[str, bytes] | None = None) -> tuple[bytes | None, str | None]:
+def _compare_and_swap(p: Location, change: Callable[[bytes | None], bytes | None]) -> tuple[bytes | None, str | None]:
     """`update` on a bucket: (what the object holds afterwards, its version token where the store
-    named it). `known`: (token, bytes) this process last wrote there, tried before any GET; a stale
-    one only costs the failed conditional PUT."""
+    named it). The version this process last read or wrote there (`_VERSIONS`) is tried before any
+    GET; a stale one costs the failed conditional PUT only, and a decision taken on it (`change`
+    refuses, or has nothing to change) is taken again on the object as it is."""
     delay = 0.02
+    known = _VERSIONS.get(str(p))
     for _ in range(200):
-        if known is not None:
+        guess = known is not None
+        if guess:
             (etag, old), known = known, None
         else:
             with errors(p, "read"):
                 etag, old = _etag_and_body(p)
-        new = change(old)
+        try:
+            new = change(old)
+        except Exception:
+            if guess:
+                continue
+            raise
         if new is None:
+            if guess:
+                continue
+            if etag is not None and old is not None:
+                _VERSIONS[str(p)] = (etag, old)
             return old, etag
         try:
             with errors(p, "update"):
-                return new, _put_if(p, new, etag)
+                token = _put_if(p, new, etag)
+            if token is not None:
+                _VERSIONS[str(p)] = (token, new)
+            return new, token
         except Exception as e:
             if not _precondition_failed(e):
                 raise
+        if guess:
+            continue  # only our guess was stale: read now
         time.sleep(delay * (0.5 + random.random()))  # another writer won: read again
         delay = min(delay * 2, 1.0)
     raise UserError(f"could not update {p}: 200 compare-and-swap attempts lost to other writers; run the same command again")
@@ -823,12 +918,14 @@ class Appender:
         except ValueError:
             raise UserError(f"{APPEND_ENV}={os.environ[APPEND_ENV]!r} is not a number of seconds") from None
         data = text.encode()
+        _changing(p)
         fs, path = _fs(p)
         with errors(p, "write"):
             out = fs.pipe_file(path, data)
         # S3 names the new version in the answer; otherwise the first write reads it (one GET)
         token = out.get("ETag") if isinstance(out, dict) else None
-        self._known: tuple[str, bytes] | None = (token, data) if token else None
+        if token:
+            _VERSIONS[str(p)] = (token, data)
         self._queued: list[str] = []
         self._writing = False
         self._flushes = 0  # callers waiting in flush(): write now
@@ -873,6 +970,12 @@ class Appender:
                 self._cond.notify_all()
             self._thread.join(timeout=60)
 
+    def finished(self) -> None:
+        """The log is whole (its round is trained, the Appender closed): this process reads it from
+        memory from now on (`remember_final`)."""
+        if self._thread is not None:
+            remember_final(self.path, _VERSIONS.get(str(self.path), (None, None))[1])
+
     def __enter__(self) -> "Appender":
         return self
 
@@ -901,8 +1004,7 @@ class Appender:
                 text, self._queued, self._writing = "".join(self._queued), [], True
             try:
                 new = text.encode()
-                body, token = _compare_and_swap(self.path, lambda old: (old or b"") + new, self._known)
-                self._known = (token, body) if token is not None and body is not None else None
+                _compare_and_swap(self.path, lambda old: (old or b"") + new)
             except BaseException as e:  # noqa: BLE001 -- handed to the caller's next write or flush
                 with self._cond:
                     self._error, self._writing = e, False
@@ -922,6 +1024,7 @@ def remove(p: Location) -> None:
         except OSError as e:
             raise store_error(p, "delete", e) from None
         return
+    _changing(p)
     fs, path = _fs(p)
     with errors(p, "delete"), contextlib.suppress(FileNotFoundError):
         fs.rm_file(path)
@@ -931,6 +1034,7 @@ def remove_tree(p: Location) -> None:
     if not is_remote(p):
         shutil.rmtree(p, ignore_errors=True)
         return
+    _changing(p, tree=True)
     fs, path = _fs(p)
     with errors(p, "delete"), contextlib.suppress(FileNotFoundError):
         fs.rm(path, recursive=True)
@@ -944,6 +1048,8 @@ def move(src: Location, dst: Location) -> None:
         except OSError as e:
             raise store_error(src, "move", e) from None
         return
+    _changing(src)
+    _changing(dst)
     fs, path = _fs(src)
     with errors(src, "move"):
         fs.copy(path, _fs(dst)[1])
@@ -983,6 +1089,7 @@ def upload_tree(local: Path, dest: Location, last: str, doing: str = "write", ca
         except OSError as e:
             raise store_error(dest, doing, e) from None
         return
+    _changing(dest, tree=True)
     fs, path = _fs(dest)
     files = {f.relative_to(local).as_posix(): str(f) for f in local.rglob("*") if f.is_file()}
     if is_file(dest / last):  # an older complete copy: it stops being complete first
@@ -997,6 +1104,8 @@ def upload_tree(local: Path, dest: Location, last: str, doing: str = "write", ca
     with errors(dest, doing):
         if last in files:
             fs.put_file(files[last], f"{path}/{last}")
+    if last in files:
+        remember_final(dest / last, Path(files[last]).read_bytes())  # complete now, and stays so
     if cache:
         adopt_into_cache(local, dest)
 

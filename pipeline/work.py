@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from pipeline import storage
 from pipeline.errors import UserError
-from pipeline.shards import GrowingManifest, Manifest, info_of_shard, remove_stale_tmp, shard_name, write_shard
+from pipeline.shards import GrowingManifest, Manifest, info_of_shard, remove_stale_tmp, shard_index, shard_name, write_shard
 from pipeline.signals import PREEMPTION
 from pipeline.storage import Claim, Location
 
@@ -158,9 +158,9 @@ class Follow:
 
     def data(self) -> dict[str, Any]:
         """The upstream manifest as it is now, once it exists (its shard count is then known)."""
-        while not self.manifest.exists():
+        while (data := self.manifest.read_if_any()) is None:
             self._pause()
-        return self.manifest.read()
+        return data
 
     def record(self, i: int) -> dict[str, Any]:
         while (record := self.data()["shards"].get(shard_name(i))) is None:
@@ -199,10 +199,9 @@ def run_shards(
     """
     wall0 = time.perf_counter()
     manifest = Manifest(stage_dir) if growing is None else GrowingManifest(stage_dir, growing)
-    manifest.init(num_shards, plan)
+    recorded = {shard_index(name) for name in manifest.init(num_shards, plan)["shards"]}
     summary = StageSummary(stage_dir, num_shards)
 
-    recorded = manifest.done()
     present = set(storage.names(stage_dir, "part-*.parquet"))  # one listing, not a lookup per shard
     for i in sorted(recorded):
         if shard_name(i) not in present:  # deleted by the user, e.g. after a checksum error

@@ -458,10 +458,10 @@ class Trainer:
         metrics_log = None
         if rank == 0:
             _hold_train_lock(train_dir)
-            try:
-                logged = storage.read_text(metrics_path).splitlines()
-            except FileNotFoundError:
-                logged = []
+            logged = []
+            if start:  # a round started afresh keeps no line: no read
+                with contextlib.suppress(FileNotFoundError):
+                    logged = storage.read_text(metrics_path).splitlines()
             keep = [l for l in logged if json.loads(l)["step"] <= start]
             # steps after the checkpoint are redone; on a bucket the lines are written in the background,
             # flushed before each checkpoint (which a resumed run keeps the lines up to)
@@ -526,6 +526,8 @@ class Trainer:
                     saved = s + 1
                 if preempt:
                     raise Preempted()
+        if metrics_log is not None:
+            metrics_log.finished()
         return TrainSummary(self.run.student_dir(r), len(steps) - start, len(steps), start, metrics,
                             engine_seconds=engine_seconds, probe_seconds=probe_seconds, checkpoint=checkpoint)
 
