@@ -8,17 +8,27 @@ set -euo pipefail
 cd "$(dirname "$0")"
 target="${1:-cpu}"
 PIP="python3 -m pip install --disable-pip-version-check -q"
+# The project and its ~200 requirements go in with uv, pip's faster stand-in (bench/RESULTS.md: 15 s
+# instead of 124 s from empty caches, the same versions), into this python3; pip where uv cannot.
+install() {
+  if $PIP uv >/dev/null 2>&1 && python3 -m uv pip install -q --python "$(python3 -c 'import sys; print(sys.executable)')" "$@"; then
+    if command -v pyenv >/dev/null; then pyenv rehash; fi  # pip's pyenv hook makes the `eopd-pipe` shim; uv has none
+  else
+    $PIP "$@"
+  fi
+}
 cpu() {
-  # Pin torch first: an unpinned requirement would pull a multi-GB CUDA build.
+  # Pin torch first, with pip: this machine's CPU build lies in pip's find-links (uv does not read
+  # pip's configuration); an unpinned requirement would pull a multi-GB CUDA build.
   $PIP torch==2.13.0
-  $PIP -e ".[cpu,test${EOPD_EXTRAS:+,$EOPD_EXTRAS}]"
+  install -e ".[cpu,test${EOPD_EXTRAS:+,$EOPD_EXTRAS}]"
   # PyPI's torchvision/torchaudio do not match this torch build and break `import transformers`
   # ("operator torchvision::nms does not exist"); eopd-pipe needs neither.
   python3 -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 }
 case "$target" in
   cpu) cpu ;;
-  gpu) $PIP -e ".[gpu,test${EOPD_EXTRAS:+,$EOPD_EXTRAS}]" ;;
+  gpu) install -e ".[gpu,test${EOPD_EXTRAS:+,$EOPD_EXTRAS}]" ;;
   test)
     EOPD_EXTRAS="trackers,ray,s3test${EOPD_EXTRAS:+,$EOPD_EXTRAS}" cpu
     # The peer benchmark's TRL (tests/test_peer.py): --no-deps, its own requirements would pull another torch.
