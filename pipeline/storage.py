@@ -453,7 +453,26 @@ _FINAL_BYTES, _FINAL_OBJECT = 64 << 20, 16 << 20
 _final_bytes = 0
 # (version token, bytes) of each object this process last read or wrote by `update`: its next update
 # tries a conditional PUT on that version before any GET (a stale one costs the failed PUT only).
-_VERSIONS: dict[str, tuple[str, bytes]] = {}
+# Bounded like _FINAL (a 1,000-shard manifest is ~250 kB, two a round): the least recent go first.
+_VERSIONS: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+_versions_bytes = 0
+
+
+def _set_version(p: Location, token: str, body: bytes) -> None:
+    global _versions_bytes
+    with _FINAL_LOCK:
+        _drop_version(str(p))
+        _VERSIONS[str(p)] = (token, body)
+        _versions_bytes += len(body)
+        while _versions_bytes > _FINAL_BYTES:
+            _drop_version(next(iter(_VERSIONS)))
+
+
+def _drop_version(key: str) -> None:
+    global _versions_bytes
+    old = _VERSIONS.pop(key, None)
+    if old is not None:
+        _versions_bytes -= len(old[1])
 
 
 def remember_final(p: Location, data: bytes | None = None) -> None:
@@ -499,7 +518,7 @@ def _changing(p: Location, tree: bool = False) -> None:
             keys += [k for k in (*_FINAL, *_VERSIONS) if k.startswith(under)]
         for k in keys:
             _final_bytes -= len(_FINAL.pop(k, None) or b"")
-            _VERSIONS.pop(k, None)
+            _drop_version(k)
 
 
 # ----------------------------------------------------------------------------- reads
@@ -839,7 +858,8 @@ def _compare_and_swap(p: Location, change: Callable[[bytes | None], bytes | None
     GET; a stale one costs the failed conditional PUT only, and a decision taken on it (`change`
     refuses, or has nothing to change) is taken again on the object as it is."""
     delay = 0.02
-    known = _VERSIONS.get(str(p))
+    with _FINAL_LOCK:
+        known = _VERSIONS.get(str(p))
     for _ in range(200):
         guess = known is not None
         if guess:
@@ -857,13 +877,13 @@ def _compare_and_swap(p: Location, change: Callable[[bytes | None], bytes | None
             if guess:
                 continue
             if etag is not None and old is not None:
-                _VERSIONS[str(p)] = (etag, old)
+                _set_version(p, etag, old)
             return old, etag
         try:
             with errors(p, "update"):
                 token = _put_if(p, new, etag)
             if token is not None:
-                _VERSIONS[str(p)] = (token, new)
+                _set_version(p, token, new)
             return new, token
         except Exception as e:
             if not _precondition_failed(e):
@@ -925,7 +945,7 @@ class Appender:
         # S3 names the new version in the answer; otherwise the first write reads it (one GET)
         token = out.get("ETag") if isinstance(out, dict) else None
         if token:
-            _VERSIONS[str(p)] = (token, data)
+            _set_version(p, token, data)
         self._queued: list[str] = []
         self._writing = False
         self._flushes = 0  # callers waiting in flush(): write now
@@ -974,7 +994,9 @@ class Appender:
         """The log is whole (its round is trained, the Appender closed): this process reads it from
         memory from now on (`remember_final`)."""
         if self._thread is not None:
-            remember_final(self.path, _VERSIONS.get(str(self.path), (None, None))[1])
+            with _FINAL_LOCK:
+                body = _VERSIONS.get(str(self.path), (None, None))[1]
+            remember_final(self.path, body)
 
     def __enter__(self) -> "Appender":
         return self
