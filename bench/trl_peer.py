@@ -21,8 +21,12 @@ pass@8 and time per step of both.
   names a finished run. Time: from round 0's first stage start to the last round's student
   (engine start-up and evals excluded), split into rollout / score-teacher / train.
 
-Both run in this process's environment: set OMP_NUM_THREADS (and --threads) the same for both; on
-a shared machine only a ratio measured in one sitting means anything. Results: OUT/peer-sSEED.json.
+Threads: each system as it runs fastest here. TRL gets --threads torch threads, set before torch
+loads (OMP_NUM_THREADS too; on the 2-core machine 1 thread is its fastest: 347-402 s against 524 s
+on 2, bench/RESULTS.md); eopd-pipe runs with its config's `cpu_threads` (configs/default.yaml: 1
+per process: vLLM's engine process, and the teacher and trainer in `run`'s process). They run one
+after the other on the same machine: only a ratio measured in one sitting means anything.
+Results: OUT/peer-sSEED.json.
 """
 
 from __future__ import annotations
@@ -254,10 +258,11 @@ def main() -> None:
     ap.add_argument("--curve", type=int, nargs="*", default=[],
                     help="also evaluate both students at these optimiser steps (pass@1 against wall-clock)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1),
-                    help="torch threads of the TRL process (default OMP_NUM_THREADS, else all cores)")
+                    help="torch threads of the TRL process (default OMP_NUM_THREADS, else all cores; 1 is its fastest on 2 cores)")
     ap.add_argument("--skip-trl", action="store_true", help="only (re)read results already written")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="KEY=VALUE for both systems (repeatable)")
     args = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read when torch loads (check_trl imports it)
     check_trl()
 
     from pipeline.config import load_config

@@ -15,6 +15,7 @@ import click
 from pipeline import storage
 from pipeline.config import Config, load_config
 from pipeline.errors import Preempted, UserError
+from pipeline.models import use_cpu_threads
 from pipeline.logs import capture_logs, log_path, print_exception_to_terminal, set_verbose, terminal_stderr
 from pipeline.rundir import RunDir
 from pipeline.signals import PREEMPTION
@@ -27,7 +28,10 @@ def resolve_config(run: RunDir, config_path: Path | None, overrides: tuple[str, 
     """--config FILE if given, else the run's frozen config.yaml, else the embedded default."""
     if config_path is None and storage.is_file(run.config_path):
         config_path = run.config_path
-    return load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides)
+    use_cpu_threads(cfg.cpu_threads)
+    return cfg
+
 
 
 class RunDirParam(click.ParamType):

@@ -175,6 +175,9 @@ class LoggingConfig(Section):
 class Config(Section):
     seed: int = 0
     rounds: int = Field(1, ge=1)
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads of each eopd-pipe process on CPU (the teacher "
+                                    "and trainer; OMP_NUM_THREADS of the processes it starts); null: torch's default, one "
+                                    "per core. Tiny models run faster on 1 (the toy: 1.4x per round, bench/RESULTS.md)")
     student: ModelRef
     teacher: ModelRef
     prompts: PromptsConfig

@@ -92,6 +92,19 @@ def load_tokenizer(path: str | Path, what: str = "student"):
         raise UserError(f"{what} tokenizer at {path} could not be loaded: {type(e).__name__}: {e}") from None
 
 
+def use_cpu_threads(n: int | None) -> None:
+    """Config `cpu_threads`: torch's intra-op threads in this process and, through OMP_NUM_THREADS,
+    in the processes it starts (stage processes, vLLM's engine). torch reads the variable when it
+    loads, so it is set too where torch is not imported yet."""
+    if n is None:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
 def make_llm(model_path: str | Path, vllm_cfg, seed: int, worker_extension_cls: str | None = None,
              in_process: bool | None = None):
     """A `vllm.LLM` for sampling. Must be called from code under `if __name__ == "__main__"`

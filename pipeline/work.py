@@ -343,6 +343,8 @@ def record_timing(round_dir: Location, stage: str, wall: float, load: float, eng
     round's critical path; it is written by the time the process exits (a kill may lose it)."""
     line = {"stage": stage, "end": time.time(), "wall_s": round(wall, 4), "load_s": round(load, 4),
             "engine_s": round(engine, 4), "pid": os.getpid()}
+    if "torch" in sys.modules:  # config cpu_threads, or torch's default: part of why a round is slow
+        line["torch_threads"] = sys.modules["torch"].get_num_threads()
     path, text = round_dir / "timings.jsonl", json.dumps(line) + "\n"
     if not storage.is_remote(path):
         storage.append_text(path, text)

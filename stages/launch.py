@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, load_config
+from pipeline.models import use_cpu_threads
 from pipeline.rundir import RunDir
 
 
@@ -35,6 +36,7 @@ class ShardEngine:
             raise ValueError(f"not a sharded stage: {stage}")
         self.run, self.stage = RunDir(run_dir), stage
         self.cfg: Config = load_config(self.run.config_path, ())  # frozen by the launch: every worker reads it
+        use_cpu_threads(self.cfg.cpu_threads)
         self._sampler = self._teacher = None
         self.start_seconds = 0.0  # spent starting this worker's engine (once; again after a restart)
 
@@ -101,7 +103,9 @@ class TrainEngine:
         from stages.train import Trainer
 
         run = RunDir(run_dir)
-        self.trainer = Trainer(run, load_config(run.config_path, ()))
+        cfg = load_config(run.config_path, ())
+        use_cpu_threads(cfg.cpu_threads)
+        self.trainer = Trainer(run, cfg)
 
     def train(self, round_index: int) -> dict[str, Any]:
         from pipeline.identity import worker_identity

@@ -19,9 +19,13 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-# Tiny models on a 2-core machine: keep vLLM's CPU KV cache small and its logging quiet.
+# Tiny models on a 2-core machine: keep vLLM's CPU KV cache small and its logging quiet, and one torch
+# thread per process. Two xdist workers already keep both cores busy, and the tiny models' second
+# thread waits more than it computes (configs/default.yaml's `cpu_threads: 1`, bench/RESULTS.md); the
+# bytes are the same on any thread count (tests/test_train.py checks a resume on another count).
 CLI_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the workers' own torch too (read when torch loads, after this)
 
 
 @pytest.fixture(scope="session")

@@ -67,16 +67,25 @@ def test_trained_student_drives_the_next_rounds_rollout(trained):
 
 
 def test_kill9_mid_training_then_resume_gives_identical_losses(killed_checkpoint, trained, tmp_path):
+    """Also on another thread count (`cpu_threads`): the resumed process runs on one torch thread
+    where the reference and the killed one ran on more, or the reverse, and the losses are still
+    equal to the last bit (what lets configs/default.yaml run the toy on one thread per process)."""
     run = shutil.copytree(killed_checkpoint.run, tmp_path / "run")  # SIGKILLed after step 3 was logged
     assert len(metrics(run)) == 3
-    res = run_cli("train", run)
+    ref_threads = json.loads((trained / "round-0000" / "timings.jsonl").read_text().splitlines()[-1])["torch_threads"]
+    threads = 2 if ref_threads == 1 else 1
+    res = run_cli("train", run, "--set", f"cpu_threads={threads}", "--allow-config-change")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed after step 2" in res.stdout
+    timing = json.loads((run / "round-0000" / "timings.jsonl").read_text().splitlines()[-1])
+    assert timing["stage"] == "train" and timing["torch_threads"] == threads, timing
     ref = metrics(trained)
     got = metrics(run)
     assert [x["step"] for x in got] == [x["step"] for x in ref]
     for a, b in zip(got, ref):
         assert a["loss"] == b["loss"] and a["fkl"] == b["fkl"] and a["grad_norm"] == b["grad_norm"], (a, b)
+    student = "round-0000/student/model.safetensors"
+    assert (run / student).read_bytes() == (trained / student).read_bytes()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_nonzero(scored, tmp_path):
