@@ -33,7 +33,6 @@ def resolve_config(run: RunDir, config_path: Path | None, overrides: tuple[str, 
     return cfg
 
 
-
 class RunDirParam(click.ParamType):
     """RUN_DIR: a local directory or a bucket URL (s3://bucket/prefix). Kept as text: a `Path`
     would turn "s3://b/x" into the local folder "s3:/b/x". Schemes are checked by RunDir."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,8 +100,6 @@ def use_cpu_threads(n: int | None) -> None:
     if n is None:
         return
     os.environ["OMP_NUM_THREADS"] = str(n)
-    import sys
-
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
 
