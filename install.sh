@@ -10,8 +10,11 @@ target="${1:-cpu}"
 PIP="python3 -m pip install --disable-pip-version-check -q"
 # The project and its ~200 requirements go in with uv, pip's faster stand-in (bench/RESULTS.md: 15 s
 # instead of 124 s from empty caches, the same versions), into this python3; pip where uv cannot.
+# --compile-bytecode: uv leaves .py files uncompiled (pip does not), and where PYTHONDONTWRITEBYTECODE
+# is set (this machine kind) Python then compiles vLLM's modules afresh in every process that imports
+# it: 1.5 CPU-s of each stage command's start (bench/RESULTS.md, #23), for ~7 s once here.
 install() {
-  if $PIP uv >/dev/null 2>&1 && python3 -m uv pip install -q --python "$(python3 -c 'import sys; print(sys.executable)')" "$@"; then
+  if $PIP uv >/dev/null 2>&1 && python3 -m uv pip install -q --compile-bytecode --python "$(python3 -c 'import sys; print(sys.executable)')" "$@"; then
     if command -v pyenv >/dev/null; then pyenv rehash; fi  # pip's pyenv hook makes the `eopd-pipe` shim; uv has none
   else
     $PIP "$@"
